@@ -1,0 +1,78 @@
+"""The ``echo-ssl`` command: one sub-command per job, each in ``echo.commands``.
+
+Every leaf command takes ``--config FILE.yaml`` plus flags; a flag overrides the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from echo.config import ConfigError, apply_config, load_config
+
+__all__ = ["main", "build_parser", "COMMANDS"]
+
+# (command words, module in echo.commands, one-line help)
+COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
+    (("synth",), "synth", "write a synthetic PLAX echo data set (videos + manifest)"),
+    (("manifest", "check"), "manifest_check", "validate a manifest and print a summary"),
+]
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], argparse.ArgumentParser]]:
+    """The top-level parser and each leaf command's parser, keyed by its words."""
+    from echo import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="echo-ssl",
+        description="Self-supervised echocardiogram learning and severe aortic stenosis detection.",
+    )
+    parser.add_argument("--version", action="version", version=f"echo-ssl {__version__}")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[tuple[str, ...], argparse._SubParsersAction] = {(): top}
+    leaves: dict[tuple[str, ...], argparse.ArgumentParser] = {}
+    for words, module_name, help_text in COMMANDS:
+        for depth in range(1, len(words)):
+            prefix = words[:depth]
+            if prefix not in groups:
+                group_parser = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{prefix[-1]} commands")
+                groups[prefix] = group_parser.add_subparsers(
+                    dest=f"command_{depth}", metavar="COMMAND", required=True
+                )
+        leaf = groups[words[:-1]].add_parser(words[-1], help=help_text, description=help_text)
+        leaf.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (local or s3://); flags override it")
+        module = importlib.import_module(f"echo.commands.{module_name}")
+        module.add_arguments(leaf)
+        leaf.set_defaults(_run=module.run)
+        leaves[words] = leaf
+    return parser, leaves
+
+
+def _words(args: argparse.Namespace) -> tuple[str, ...]:
+    words = [args.command]
+    depth = 1
+    while getattr(args, f"command_{depth}", None):
+        words.append(getattr(args, f"command_{depth}"))
+        depth += 1
+    return tuple(words)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    parser, leaves = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.config:
+        try:
+            apply_config(leaves[_words(args)], load_config(args.config), args.config)
+        except ConfigError as e:
+            parser.exit(2, f"echo-ssl: error: {e}\n")
+        args = parser.parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
