@@ -77,18 +77,16 @@ def encode_mp4(frames: np.ndarray, fps: float, keyframe_interval: int = KEYFRAME
         raise ValueError(f"frame size must be even for yuv420p, got {h}x{w}")
     buf = io.BytesIO()
     rate = Fraction(fps).limit_denominator(1001)
-    with av.open(buf, mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
+    with av.open(buf, mode="w", format="mp4", options={"use_editlist": "0"}) as container:
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.codec_context.gop_size = keyframe_interval
+        stream.codec_context.max_b_frames = 0
         stream.options = {
             "crf": str(crf),
             "preset": "veryfast",
-            "g": str(keyframe_interval),
-            "keyint_min": str(keyframe_interval),
-            "bf": "0",
-            "sc_threshold": "0",
+            "x264-params": f"keyint={keyframe_interval}:min-keyint={keyframe_interval}:scenecut=0:bframes=0",
         }
-        stream.codec_context.options = {"x264-params": "bframes=0:scenecut=0"}
         fmt = "gray" if frames.ndim == 3 else "rgb24"
         for i, frame in enumerate(frames):
             vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format=fmt)
