@@ -14,7 +14,7 @@ import io
 import struct
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -30,6 +30,9 @@ __all__ = [
 
 KEYFRAME_INTERVAL = 8
 MAX_KEYFRAME_INTERVAL_OK = 16
+# decord replaces a frame it cannot decode with the last good one unless told otherwise; a
+# threshold this small (a fraction of the frame count) makes the first such frame an error.
+_FAULT_TOLERANCE = 1e-9
 
 
 class VideoDecodeError(RuntimeError):
@@ -109,19 +112,24 @@ def _reader(data: bytes, uri: str):
         raise VideoDecodeError(uri, "empty object")
     decord = _decord()
     try:
-        return decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
+        return decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1, fault_tol=_FAULT_TOLERANCE)
     except Exception as e:  # decord raises DECORDError (a RuntimeError) or its own types
         raise VideoDecodeError(uri, f"not a readable video ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
-def decode_frames(data: bytes, indices: Sequence[int], uri: str) -> np.ndarray:
+def decode_frames(data: bytes, indices: Sequence[int] | Callable[[int], Sequence[int]], uri: str) -> np.ndarray:
     """Decode only the frames at ``indices`` from MP4 bytes; returns ``(len(indices), H, W)`` uint8.
 
-    Raises ``VideoDecodeError`` (naming ``uri``) for an unreadable video or an index past its end.
+    ``indices`` may be a function of the video's frame count, called once the container is
+    open, so a caller that needs the count to choose frames opens the video only once.
+    Raises ``VideoDecodeError`` (naming ``uri``) for an unreadable video (including a frame
+    decord could not decode) or an index past its end.
     """
     vr = _reader(data, uri)
     n = len(vr)
-    idx = [int(i) for i in indices]
+    if n < 1:
+        raise VideoDecodeError(uri, "the video has no frames")
+    idx = [int(i) for i in (indices(n) if callable(indices) else indices)]
     if not idx:
         raise ValueError("no frame indices given")
     bad = [i for i in idx if i < 0 or i >= n]
