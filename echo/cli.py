@@ -19,6 +19,8 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("synth",), "synth", "write a synthetic PLAX echo data set (videos + manifest)"),
     (("manifest", "check"), "manifest_check", "validate a manifest and print a summary"),
+    (("pretrain",), "pretrain", "self-supervised pretraining (SimCLR, MI-SimCLR, EchoCLR) on Ray Train"),
+    (("finetune",), "finetune", "fine-tune a severe-AS classifier on Ray Train"),
 ]
 
 
