@@ -21,6 +21,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("manifest", "check"), "manifest_check", "validate a manifest and print a summary"),
     (("pretrain",), "pretrain", "self-supervised pretraining (SimCLR, MI-SimCLR, EchoCLR) on Ray Train"),
     (("finetune",), "finetune", "fine-tune a severe-AS classifier on Ray Train"),
+    (("tune",), "tune", "hyperparameter search per label fraction and init with Ray Tune"),
 ]
 
 

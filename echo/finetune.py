@@ -79,6 +79,7 @@ class FinetuneConfig:
     cache_mb: int = 0
     amp: bool = True
     evaluate_test: bool = True
+    finalize: bool = True  # evaluate and log the bundle at the end (Tune trials leave it to the search)
     tracking_uri: str | None = None
     experiment: str = "echo-ssl-finetune"
     run_name: str | None = None
@@ -246,7 +247,7 @@ def finetune_loop(config: dict[str, Any], session: Session | None = None) -> Non
             f"val loss {val['val_loss']:.4f}  val AUROC {val['val_auroc']:.3f}  best {best['metric']:.3f} "
             f"(epoch {best['epoch']})" + ("  [frozen backbone]" if frozen else "") + (f"  skipped {int(skipped)}" if skipped else "")
         )
-    if session.rank == 0 and cfg.mlflow_run_id:
+    if session.rank == 0 and cfg.mlflow_run_id and cfg.finalize:
         core.load_state_dict(best["model"])
         finalize(core, cfg, manifest, device, best_epoch=best["epoch"])
 
