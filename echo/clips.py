@@ -14,7 +14,7 @@ clip (max == min) becomes all zeros.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ __all__ = [
     "train_clip_indices",
     "eval_clip_indices",
     "minmax",
+    "decode_at",
     "eval_clips",
 ]
 
@@ -93,6 +94,24 @@ def minmax(clip: ArrayT) -> ArrayT:
     return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
 
 
+def decode_at(data: bytes, uri: str, choose: Callable[[int], np.ndarray]) -> np.ndarray:
+    """Frames at ``choose(n_frames)`` (an int array of any shape, repeats and any order allowed).
+
+    Opens the video once, decodes each distinct frame once in ascending order, and returns
+    uint8 of shape ``choose(n).shape + (H, W)``.
+    """
+    plan: dict[str, np.ndarray] = {}
+
+    def needed(n_frames: int) -> list[int]:
+        idx = np.asarray(choose(n_frames), dtype=np.int64)
+        distinct, inverse = np.unique(idx, return_inverse=True)
+        plan["inverse"] = inverse.reshape(idx.shape)
+        return distinct.tolist()
+
+    frames = decode_frames(data, needed, uri)
+    return frames[plan["inverse"]]
+
+
 def eval_clips(data: bytes, uri: str, clip_len: int = 16, num_clips: int = 4, stride: int = 1) -> np.ndarray:
     """Evaluation clips of one video from its MP4 bytes; ``(K, T, H, W)`` float32 in ``[0, 1]``.
 
@@ -100,14 +119,5 @@ def eval_clips(data: bytes, uri: str, clip_len: int = 16, num_clips: int = 4, st
     each min-max normalised on its own. The union of the frames the clips need is decoded
     once. Raises ``echo.video.VideoDecodeError`` naming ``uri`` for an unreadable video.
     """
-    plan: dict[str, np.ndarray] = {}
-
-    def needed(n_frames: int) -> list[int]:
-        idx = eval_clip_indices(n_frames, clip_len, num_clips, stride)
-        plan["frames"], inverse = np.unique(idx, return_inverse=True)
-        plan["inverse"] = inverse.reshape(idx.shape)
-        return plan["frames"].tolist()
-
-    frames = decode_frames(data, needed, uri)
-    clips = frames[plan["inverse"]]
+    clips = decode_at(data, uri, lambda n: eval_clip_indices(n, clip_len, num_clips, stride))
     return np.stack([minmax(c) for c in clips]).astype(np.float32, copy=False)

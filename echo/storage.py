@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -106,11 +107,20 @@ def read_bytes(uri: str) -> bytes:
     ``StorageError`` for other failures after retries.
     """
     if is_s3(uri):
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, IncompleteReadError
 
         bucket, key = split_s3(uri)
         try:
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+            # boto3 retries the request, not the body that follows it: a connection that
+            # breaks mid-body is retried here, with the same budget and exponential backoff.
+            for attempt in range(MAX_ATTEMPTS):
+                body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+                try:
+                    return body.read()
+                except (HTTPClientError, IncompleteReadError):
+                    if attempt == MAX_ATTEMPTS - 1:
+                        raise
+                    time.sleep(min(2.0, 0.05 * 2**attempt))
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NotFound"):
