@@ -210,9 +210,11 @@ def write_evaluation(videos: pd.DataFrame, val_videos: pd.DataFrame | None, thre
     y, p = studies["label"].to_numpy(), studies["probability"].to_numpy()
     ci = (report[f"{prefix}_auroc_ci_low"], report[f"{prefix}_auroc_ci_high"])
     points = {"Youden (val)": thresholds.youden, "90% sensitivity (val)": thresholds.sens90}
-    paths.append(Path(plots.plot_roc(y, p, ci, points, out / f"{prefix}_roc.png", n_resamples=n_resamples, seed=seed)))
-    paths.append(Path(plots.plot_pr(y, p, out / f"{prefix}_pr.png")))
-    paths.append(Path(plots.plot_calibration(y, p, out / f"{prefix}_calibration.png")))
+    roc, pr, cal = (out / f"{prefix}_{kind}.png" for kind in ("roc", "pr", "calibration"))
+    plots.plot_roc(y, p, ci, points, str(roc), n_resamples=n_resamples, seed=seed)
+    plots.plot_pr(y, p, str(pr))
+    plots.plot_calibration(y, p, str(cal))
+    paths += [roc, pr, cal]
     return paths
 
 

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from echo import tracking
+from echo import storage, tracking
 from echo.trainer import (
     RayOptions,
     RayTrainSession,
@@ -39,7 +39,7 @@ from echo.trainer import (
     resume_state,
 )
 
-__all__ = ["FinetuneConfig", "finetune_loop", "finalize", "run_finetune", "resolve_init", "training_rows"]
+__all__ = ["FinetuneConfig", "finetune_loop", "finalize", "finalize_checkpoint", "run_finetune", "resolve_init", "training_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,6 @@ class FinetuneConfig:
     cache_mb: int = 0
     amp: bool = True
     evaluate_test: bool = True
-    finalize: bool = True  # evaluate and log the bundle at the end (Tune trials leave it to the search)
     tracking_uri: str | None = None
     experiment: str = "echo-ssl-finetune"
     run_name: str | None = None
@@ -247,9 +246,6 @@ def finetune_loop(config: dict[str, Any], session: Session | None = None) -> Non
             f"val loss {val['val_loss']:.4f}  val AUROC {val['val_auroc']:.3f}  best {best['metric']:.3f} "
             f"(epoch {best['epoch']})" + ("  [frozen backbone]" if frozen else "") + (f"  skipped {int(skipped)}" if skipped else "")
         )
-    if session.rank == 0 and cfg.mlflow_run_id and cfg.finalize:
-        core.load_state_dict(best["model"])
-        finalize(core, cfg, manifest, device, best_epoch=best["epoch"])
 
 
 def finalize(model, cfg: FinetuneConfig, manifest, device: torch.device, best_epoch: int,
@@ -268,6 +264,7 @@ def finalize(model, cfg: FinetuneConfig, manifest, device: torch.device, best_ep
                                summary_line, write_evaluation)
     from echo.manifest import hash_ids
     from echo.registry import log_model_bundle
+    from echo.video import probe
 
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
     model = model.to(device).eval()
@@ -298,11 +295,14 @@ def finalize(model, cfg: FinetuneConfig, manifest, device: torch.device, best_ep
     files.append(subset)
     log_evaluation(tracking_uri, cfg.mlflow_run_id, report, files)
     _, pretrain_run = resolve_init(cfg.init, cfg.tracking_uri) if cfg.init.startswith("runs:/") else (None, None)
+    first = manifest.split("val")["video_uri"].iloc[0]
+    info = probe(storage.read_bytes(first), first)
     meta = {
+        "frame_size": [info.height, info.width],
         "label_fraction": cfg.label_fraction, "subset_seed": cfg.subset_seed, "init": cfg.init,
         "pretrain_run_id": pretrain_run, "backbone": cfg.backbone, "clip_len": cfg.clip_len,
-        "num_clips": cfg.eval_clips, "stride": cfg.stride, "normalization": cfg.normalization,
-        "threshold": thresholds.youden, "threshold_sens90": thresholds.sens90,
+        "num_clips": cfg.eval_clips, "stride": cfg.stride,
+        "threshold": min(1.0, thresholds.youden), "threshold_sens90": min(1.0, thresholds.sens90),
         "manifest_sha256": manifest.sha256, "code_version": __version__, "run_id": cfg.mlflow_run_id,
         **{k: report[k] for k in report if k.startswith(("val_auroc", "test_auroc")) or k.startswith("n_train")},
     }
@@ -313,12 +313,31 @@ def finalize(model, cfg: FinetuneConfig, manifest, device: torch.device, best_ep
     return report
 
 
+def finalize_checkpoint(checkpoint, overrides: dict[str, Any] | None = None) -> dict[str, float]:
+    """``finalize`` the best weights held in a fine-tuning checkpoint (a Ray ``Checkpoint``).
+
+    The run's config comes from the checkpoint; ``overrides`` replaces fields of it (the
+    MLflow run, ``evaluate_test``). Runs in the calling process, on CPU.
+    """
+    from echo.checkpoint import load_state
+    from echo.manifest import load_manifest
+    from echo.models import ASClassifier
+
+    with checkpoint.as_directory() as folder:
+        state = load_state(folder)
+    cfg = FinetuneConfig(**{**json.loads(state["config"]), **(overrides or {})})
+    model = ASClassifier(cfg.backbone, dropout=cfg.dropout, normalization=cfg.normalization)
+    model.load_state_dict(state["best"]["model"])
+    return finalize(model, cfg, load_manifest(cfg.manifest), torch.device("cpu"), state["best"]["epoch"])
+
+
 def run_finetune(cfg: FinetuneConfig, ray_opts: RayOptions, resume: bool = False,
                  ray_address: str | None = None) -> str:
     """Validate, create (or find, with ``resume``) the MLflow run, train on Ray; return the run ID."""
-    from echo.manifest import load_manifest
+    from echo.manifest import absolute_uri, load_manifest
     from echo.raycluster import connect
 
+    cfg.manifest = absolute_uri(cfg.manifest)
     manifest = load_manifest(cfg.manifest)
     train, patients = training_rows(manifest, cfg.label_fraction, cfg.subset_seed)
     val = manifest.split("val")
@@ -347,7 +366,8 @@ def run_finetune(cfg: FinetuneConfig, ray_opts: RayOptions, resume: bool = False
     progress(f"fine-tuning {cfg.backbone} from {cfg.init} on {train['study_id'].nunique()} training studies "
              f"({cfg.label_fraction:g} of labels); MLflow run {run_id}")
     try:
-        fit_on_ray(finetune_loop, dataclasses.asdict(cfg), ray_opts)
+        result = fit_on_ray(finetune_loop, dataclasses.asdict(cfg), ray_opts)
+        finalize_checkpoint(result.checkpoint)
     except Exception:
         tracking.set_terminated(cfg.tracking_uri, run_id, "FAILED")
         raise

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
 import secrets
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -32,6 +33,7 @@ __all__ = [
     "Problem",
     "load_manifest",
     "read_table",
+    "absolute_uri",
     "validate",
     "summary",
     "format_summary",
@@ -71,6 +73,9 @@ class ManifestError(ValueError):
         more = f"\n  ... and {len(self.problems) - 50} more" if len(self.problems) > 50 else ""
         super().__init__(f"manifest {uri} is invalid ({len(self.problems)} problem(s)):\n{shown}{more}")
 
+    def __reduce__(self):  # picklable across Ray and loader processes
+        return (type(self), (self.uri, self.problems))
+
 
 @dataclass
 class Manifest:
@@ -88,6 +93,11 @@ class Manifest:
     def split(self, *names: str) -> pd.DataFrame:
         """Rows whose split is one of ``names``, in file order."""
         return self.table[self.table["split"].isin(names)].reset_index(drop=True)
+
+
+def absolute_uri(uri: str) -> str:
+    """``uri`` made usable from any working directory (Ray workers run elsewhere)."""
+    return uri if storage.is_s3(uri) or "://" in uri else os.path.abspath(uri)
 
 
 def read_table(uri: str) -> tuple[pd.DataFrame, bytes]:

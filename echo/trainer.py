@@ -166,7 +166,7 @@ def progress(message: str) -> None:
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum ``values`` over all ranks (identity without a process group)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return list(values)
+        return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from echo import tracking
-from echo.finetune import FinetuneConfig, finalize, finetune_loop, resolve_init, training_rows
+from echo.finetune import FinetuneConfig, finalize_checkpoint, finetune_loop, resolve_init, training_rows
 from echo.trainer import TuneSession, new_run_name, progress, storage_for
 
 __all__ = ["TuneConfig", "DEFAULT_SPACE", "run_search", "search_space", "cell_name"]
@@ -169,7 +169,7 @@ def _run_cell(cfg: TuneConfig, fraction: str, init: str, subset_seed: str, paren
         manifest=cfg.manifest, init=init, backbone=cfg.backbone, label_fraction=float(fraction),
         subset_seed=int(subset_seed), epochs=cfg.epochs, batch_size=cfg.batch_size, clip_len=cfg.clip_len,
         patience=cfg.patience, seed=cfg.seed, loader_workers=cfg.loader_workers, val_clips=cfg.val_clips,
-        eval_clips=cfg.eval_clips, n_resamples=cfg.n_resamples, evaluate_test=False, finalize=False,
+        eval_clips=cfg.eval_clips, n_resamples=cfg.n_resamples, evaluate_test=False,
         tracking_uri=cfg.tracking_uri, experiment=cfg.experiment,
     )
     base_dict = dataclasses.asdict(base)
@@ -209,19 +209,10 @@ def _best(grid) -> Any:
     return max(results, key=lambda r: r.metrics["best_val_auroc"])
 
 
-def _finalize_best(cfg: TuneConfig, result, init: str, fraction: str, subset_seed: str) -> tuple[dict, str]:
+def _finalize_best(cfg: TuneConfig, result) -> tuple[dict, str]:
     """Evaluate the best trial's best weights on test (once) and log them to its MLflow run."""
-    from echo.checkpoint import load_state
-    from echo.manifest import load_manifest
-    from echo.models import ASClassifier
-
     run_id = tracking.find_run(cfg.tracking_uri, cfg.experiment, "echo.trial_id", result.metrics["trial_id"])
-    with result.checkpoint.as_directory() as folder:
-        state = load_state(folder)
-    fcfg = FinetuneConfig(**{**json.loads(state["config"]), "mlflow_run_id": run_id, "evaluate_test": True})
-    model = ASClassifier(fcfg.backbone, dropout=fcfg.dropout, normalization=fcfg.normalization)
-    model.load_state_dict(state["best"]["model"])
-    report = finalize(model, fcfg, load_manifest(cfg.manifest), torch.device("cpu"), state["best"]["epoch"])
+    report = finalize_checkpoint(result.checkpoint, {"mlflow_run_id": run_id, "evaluate_test": True})
     tracking.client(cfg.tracking_uri).set_tag(run_id, "best", "true")
     hyper = {k: result.config[k] for k in result.config if k != "base"}
     return {"report": report, "hyper": hyper, "run_id": run_id}, run_id
@@ -230,12 +221,11 @@ def _finalize_best(cfg: TuneConfig, result, init: str, fraction: str, subset_see
 def run_search(cfg: TuneConfig, resume: bool = False, ray_address: str | None = None) -> pd.DataFrame:
     """Run the whole search; write the table and plot under ``cfg.out``; return the table."""
     from echo import plots
-    from echo.manifest import load_manifest
+    from echo.manifest import absolute_uri, load_manifest
     from echo.raycluster import connect
 
     manifest = load_manifest(cfg.manifest)  # a bad manifest stops the search before it starts
-    if not cfg.manifest.startswith("s3://"):
-        cfg.manifest = str(Path(cfg.manifest).resolve())
+    cfg.manifest = absolute_uri(cfg.manifest)
     cfg.tracking_uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
     if resume and not cfg.name:
         raise ValueError("--resume needs --name: the search to continue")
@@ -258,7 +248,7 @@ def run_search(cfg: TuneConfig, resume: bool = False, ray_address: str | None = 
                  f"{train['study_id'].nunique()} labelled studies, {cfg.num_samples} trials")
         grid = _run_cell(cfg, fraction, init, subset_seed, parent, cfg.name, resume)
         best = _best(grid)
-        found, run_id = _finalize_best(cfg, best, init, fraction, subset_seed)
+        found, run_id = _finalize_best(cfg, best)
         rep = found["report"]
         rows.append({
             "init": init, "label_fraction": float(fraction), "subset_seed": int(subset_seed),
@@ -275,7 +265,7 @@ def run_search(cfg: TuneConfig, resume: bool = False, ray_address: str | None = 
     detail.to_csv(out / "trials_best.csv", index=False)
     table.to_csv(out / "label_efficiency.csv", index=False)
     (out / "label_efficiency.md").write_text(_markdown(table))
-    plots.plot_label_efficiency(table, out / "label_efficiency.png")
+    plots.plot_label_efficiency(table, str(out / "label_efficiency.png"))
     c = tracking.client(cfg.tracking_uri)
     for f in ("label_efficiency.csv", "label_efficiency.md", "label_efficiency.png", "trials_best.csv"):
         c.log_artifact(parent, str(out / f), "results")

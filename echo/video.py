@@ -43,6 +43,9 @@ class VideoDecodeError(RuntimeError):
         self.reason = reason
         super().__init__(f"cannot decode {uri}: {reason}")
 
+    def __reduce__(self):  # picklable across Ray and loader processes
+        return (type(self), (self.uri, self.reason))
+
 
 @dataclass(frozen=True)
 class VideoInfo:

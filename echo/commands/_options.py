@@ -15,7 +15,7 @@ from echo.trainer import RayOptions
 
 __all__ = ["add_config_arguments", "config_from_args", "add_ray_arguments", "ray_options_from_args"]
 
-_INTERNAL = {"mlflow_run_id", "finalize"}
+_INTERNAL = {"mlflow_run_id"}
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> Any:
