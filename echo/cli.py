@@ -19,8 +19,16 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("synth",), "synth", "write a synthetic PLAX echo data set (videos + manifest)"),
     (("manifest", "check"), "manifest_check", "validate a manifest and print a summary"),
+    (("models", "register"), "models_register", "register a fine-tuning run's model (champion moves only on a better test AUROC)"),
+    (("models", "pull"), "models_pull", "download a registered model's weights and config, verify the SHA-256"),
+    (("models", "promote"), "models_promote", "point an alias (default champion) at a version; the move is recorded"),
+    (("models", "history"), "models_history", "list the recorded alias moves of a registered model"),
+    (("predict",), "predict", "probabilities of severe AS per video and per study, CSV or JSON"),
+    (("ingest",), "ingest", "DICOM echo cines -> de-identified, sector-masked MP4 clips and a manifest"),
     (("pretrain",), "pretrain", "self-supervised pretraining (SimCLR, MI-SimCLR, EchoCLR) on Ray Train"),
     (("finetune",), "finetune", "fine-tune a severe-AS classifier on Ray Train"),
+    (("evaluate",), "evaluate", "evaluate a model on a split: AUROC with 95% CIs, plots, predictions"),
+    (("saliency",), "saliency", "saliency GIFs and PNG strips for videos, and the region-energy measure"),
     (("tune",), "tune", "hyperparameter search per label fraction and init with Ray Tune"),
 ]
 

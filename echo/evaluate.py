@@ -35,6 +35,7 @@ __all__ = [
     "summary_line",
     "write_evaluation",
     "log_evaluation",
+    "evaluate_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -229,3 +230,69 @@ def log_evaluation(tracking_uri: str, run_id: str, report: dict[str, float], fil
         for f in files:
             (Path(folder) / f.name).write_bytes(f.read_bytes())
         c.log_artifacts(run_id, folder, artifact_path)
+
+
+def evaluate_model(
+    model_uri: str,
+    manifest_uri: str,
+    split: str = "test",
+    out_dir: str = "./eval-out",
+    tracking_uri: str | None = None,
+    experiment: str = "echo-ssl-evaluate",
+    seed: int = 0,
+    n_resamples: int = 2000,
+    workers: int = 1,
+    saliency: int = 0,
+    saliency_method: str = "gradcam",
+) -> dict[str, float]:
+    """Evaluate a registered, logged or pulled model on one split of a manifest.
+
+    Thresholds are chosen on the manifest's validation split when it has both classes, else
+    the model's stored ones are used. Writes predictions and plots under ``out_dir``, logs
+    everything to a new MLflow run, and with ``saliency`` > 0 adds GIFs and PNG strips for
+    that many studies (seeded sample) and, where the manifest has ``valve_*`` boxes, the
+    valve-energy share against the area baseline.
+    """
+    from echo import tracking
+    from echo.attribution import explain_videos, region_boxes, sample_studies
+    from echo.manifest import load_manifest
+    from echo.predict import load_model
+
+    manifest = load_manifest(manifest_uri)
+    model = load_model(model_uri, tracking_uri=tracking_uri)
+    meta = model.meta
+
+    def videos_of(name: str) -> pd.DataFrame:
+        return predict_videos(model.model, manifest.split(name), model.clip_len, model.num_clips, model.stride,
+                              model.device, batch_size=8, workers=workers)
+
+    val = manifest.split("val")
+    if split != "val" and len(val) and val["label"].nunique() == 2:
+        thresholds = choose_thresholds(study_predictions(videos_of("val")))
+        source = "val split of this manifest"
+    else:
+        thresholds = Thresholds(float(meta["threshold"]), float(meta.get("threshold_sens90") or meta["threshold"]))
+        source = "stored with the model"
+    videos = videos_of(split)
+    report = split_report(videos, thresholds, seed, n_resamples, prefix=split)
+    files = write_evaluation(videos, None, thresholds, report, out_dir, split, seed, n_resamples)
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    run_id = tracking.create_run(uri, experiment, f"evaluate-{split}",
+                                 tags={"echo.job": "evaluate", "echo.manifest_sha256": manifest.sha256})
+    tracking.log_params(uri, run_id, {"model": model_uri, "manifest": manifest_uri, "split": split, "seed": seed,
+                                      "n_resamples": n_resamples, "threshold_source": source,
+                                      "model_weights_sha256": meta.get("weights_sha256")})
+    if saliency > 0:
+        picked = sample_studies(manifest.split(split), saliency, seed)
+        has_boxes = "valve_x0" in picked.columns
+        table = explain_videos(model, picked["video_uri"].tolist(), str(Path(out_dir) / "saliency"), saliency_method,
+                               region_boxes(picked, "valve") if has_boxes else None)
+        if has_boxes:
+            report["saliency_valve_share"] = float(table["region_share"].mean())
+            report["saliency_area_share"] = float(table["area_share"].mean())
+        saliency_files = [Path(p) for p in (*table["gif"], *table["strip"])]
+        log_evaluation(uri, run_id, {}, saliency_files, "saliency")
+    log_evaluation(uri, run_id, report, files)
+    tracking.set_terminated(uri, run_id)
+    print(f"{split} {summary_line(report, split)}  [thresholds: {source}; MLflow run {run_id}]", flush=True)
+    return report
