@@ -124,3 +124,75 @@ def ray_cluster(s3_server):
     )
     yield ray
     ray.shutdown()
+
+
+# Distinctive fake S3 keys for the MLflow server only, so that a test can scan the server's
+# logs, database and artifacts for them (moto accepts any keys).
+MLFLOW_SERVER_FAKE_KEYS = ("AKIAECHOSSLFAKE7Q3ZK", "echo-ssl-fake-secret-9d2Hq7LmXw4Rt8Vb")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    """A real ``mlflow server`` on 127.0.0.1 (own process group): SQLite backend in a temp folder,
+    artifacts proxied to ``s3://<bucket>/mlflow`` on the moto server, so clients need no S3 keys.
+
+    Yields a namespace: ``url``, ``bucket``, ``log`` (server output file), ``db`` (SQLite file),
+    ``fake_keys`` (the S3 key pair only the server holds). Start-up takes 10-50 s: share it.
+    """
+    import types
+
+    from echo import storage
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    bucket = f"mlflow-{uuid.uuid4().hex[:12]}"
+    storage.s3_client().create_bucket(Bucket=bucket)
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_S3_ENDPOINT_URL": s3_server,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "AWS_ACCESS_KEY_ID": MLFLOW_SERVER_FAKE_KEYS[0],
+        "AWS_SECRET_ACCESS_KEY": MLFLOW_SERVER_FAKE_KEYS[1],
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log_path = root / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "mlflow", "server",
+                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                "--artifacts-destination", f"s3://{bucket}/mlflow",
+                "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            ],
+            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        import urllib.request
+
+        url = f"http://127.0.0.1:{port}"
+        wait_for_port(port, timeout=180, proc=proc)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"mlflow server not healthy; see {log_path}") from None
+                time.sleep(0.5)
+        yield types.SimpleNamespace(url=url, bucket=bucket, log=log_path, db=root / "mlflow.db",
+                                    fake_keys=MLFLOW_SERVER_FAKE_KEYS)
+    finally:
+        stop_process_group(proc)
+
+
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory) -> str:
+    """A small synthetic data set shared by the training tests: 32 labelled + 8 unlabeled
+    patients, 64x64 px, 16-24 frames, both classes in every split. Returns the manifest path."""
+    from echo.synth import synthesize
+
+    out = tmp_path_factory.mktemp("synth-small")
+    return synthesize(str(out), patients=32, seed=7, prevalence=0.4, splits=(0.5, 0.25, 0.25), unlabeled_patients=8,
+                      size=64, min_frames=16, max_frames=24)
