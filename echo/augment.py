@@ -6,8 +6,9 @@ angle in ``[-max_angle, max_angle]`` (10) degrees with p = 0.5; then per-clip mi
 ``[0, 1]``. The reference code rotates every frame with ``scipy.ndimage.rotate`` after
 padding, cropping and flipping. Here the three geometric steps are composed into one
 matrix and applied with one bilinear ``grid_sample`` to the whole clip (frames as channels,
-so they share one sampling grid): about 0.2 ms for a 4-frame 112 x 112 clip on one core,
-against about 5 ms for the per-frame scipy rotation.
+so they share one sampling grid); without rotation the matrix is an integer shift and flip,
+applied as an exact copy. About 0.25 ms for a 4-frame 112 x 112 clip on one core, against
+about 5 ms for the per-frame scipy rotation.
 
 Step-by-step equivalence: zeros enter exactly where the reference puts them. The padding
 is the zero padding of ``grid_sample``; where the rotation reads outside the cropped frame
@@ -18,6 +19,7 @@ interpolation in both, values agree with the step-by-step reference up to float 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,43 +84,55 @@ def warp_matrix(params: AugmentParams, height: int, width: int) -> np.ndarray:
 def _normalised_theta(pixel_map: np.ndarray, height: int, width: int) -> torch.Tensor:
     """A pixel-space ``(3, 3)`` map as ``affine_grid``'s ``(1, 2, 3)`` theta (align_corners=False)."""
     to_norm = np.array([[2 / width, 0, 1 / width - 1], [0, 2 / height, 1 / height - 1], [0, 0, 1]])
-    theta = to_norm @ pixel_map @ np.linalg.inv(to_norm)
+    from_norm = np.array([[width / 2, 0, (width - 1) / 2], [0, height / 2, (height - 1) / 2], [0, 0, 1]])
+    theta = to_norm @ pixel_map @ from_norm
     return torch.from_numpy(theta[:2].astype(np.float32))[None]
 
 
-def _sample(image: torch.Tensor, pixel_map: np.ndarray) -> torch.Tensor:
-    """Bilinear warp of ``(C, H, W)`` by a pixel map, zeros outside; returns ``(C, H, W)`` float32."""
-    c, h, w = image.shape
-    grid = F.affine_grid(_normalised_theta(pixel_map, h, w), [1, c, h, w], align_corners=False)
-    return F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+def _shift_flip(x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+    """The warp without rotation, an integer shift (and flip), as an exact copy: ``(T, H, W)``."""
+    _, h, w = x.shape
+    dy, dx = params.crop_y - params.pad, params.crop_x - params.pad  # output (y, x) reads input (y + dy, x + dx)
+    out = torch.zeros_like(x)
+    ys, xs = slice(max(0, -dy), min(h, h - dy)), slice(max(0, -dx), min(w, w - dx))
+    out[:, ys, xs] = x[:, ys.start + dy : ys.stop + dy, xs.start + dx : xs.stop + dx]
+    return out.flip(-1) if params.flip else out
 
 
-def _inside_mask(pixel_map: np.ndarray, height: int, width: int) -> torch.Tensor:
-    """``(H, W)`` float32: 1 where ``pixel_map`` sends the output pixel inside ``[0, W-1] x [0, H-1]``.
+@functools.lru_cache(maxsize=64)
+def _rotated_outside(angle: int, height: int, width: int) -> torch.Tensor:
+    """``(1, H, W, 2)`` float32 grid offset: 10 (far outside, where ``grid_sample`` reads zeros)
+    at output pixels whose rotation by ``angle`` lands outside the frame, 0 elsewhere.
 
-    The reference rotates the cropped frame with ``scipy.ndimage.rotate`` (``mode="constant"``),
-    which returns exact zeros for every sample outside the frame: this mask reproduces that.
+    The reference rotates the cropped frame with zero fill (``scipy.ndimage.rotate``,
+    ``mode="constant"``), so those pixels are zero whatever the crop and flip put there.
+    Depends on the angle alone, so it is computed once per angle and size.
     """
-    m = torch.from_numpy(pixel_map.astype(np.float32))
-    y, x = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij")
-    sx = m[0, 0] * x + m[0, 1] * y + m[0, 2]
-    sy = m[1, 0] * x + m[1, 1] * y + m[1, 2]
-    eps = 1e-4
-    inside = (sx >= -eps) & (sx <= width - 1 + eps) & (sy >= -eps) & (sy <= height - 1 + eps)
-    return inside.to(torch.float32)
+    y, x = np.mgrid[:height, :width].astype(np.float64)
+    m = _rotation(angle, height, width)
+    qx = m[0, 0] * x + m[0, 1] * y + m[0, 2]
+    qy = m[1, 0] * x + m[1, 1] * y + m[1, 2]
+    eps = 1e-6
+    outside = (qx < -eps) | (qx > width - 1 + eps) | (qy < -eps) | (qy > height - 1 + eps)
+    return torch.from_numpy(np.repeat(10.0 * outside[None, :, :, None], 2, axis=3).astype(np.float32))
 
 
 def warp_clip(clip: np.ndarray | torch.Tensor, params: AugmentParams) -> torch.Tensor:
     """Apply ``params`` to every frame of ``clip`` ``(T, H, W)`` in one warp; returns ``(T, H, W)``
-    float32 in the input's units (not normalised)."""
+    float32 in the input's units (not normalised).
+
+    With a rotation: one bilinear ``grid_sample`` with the frames as channels. Without one the
+    map is an integer shift and flip, done as an exact copy.
+    """
     x = torch.as_tensor(clip).to(torch.float32)
     if x.ndim != 3:
         raise ValueError(f"a clip must be (T, H, W), got shape {tuple(x.shape)}")
-    _, h, w = x.shape
-    out = _sample(x, warp_matrix(params, h, w))
-    if params.angle:
-        out = out * _inside_mask(_rotation(params.angle, h, w), h, w)
-    return out
+    if not params.angle:
+        return _shift_flip(x, params)
+    t, h, w = x.shape
+    grid = F.affine_grid(_normalised_theta(warp_matrix(params, h, w), h, w), [1, t, h, w], align_corners=False)
+    grid.add_(_rotated_outside(params.angle, h, w))
+    return F.grid_sample(x[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
 
 
 def augment_clip(

@@ -50,8 +50,8 @@ def test_transient_faults_are_retried_and_nothing_is_dropped(s3_server, corpus, 
     local, remote = corpus
     expected = _epoch(local, epoch=1)
     # every second object GET fails in turn: 500, reset before the answer, reset mid-body,
-    # 0.5 s late, 503 SlowDown; every retry of a failed GET gets through
-    with FaultProxy(s3_server, every=2, faults=("500", "reset", "truncate", "slow", "503")) as proxy:
+    # 0.2 s late, 503 SlowDown; every retry of a failed GET gets through
+    with FaultProxy(s3_server, every=2, faults=("500", "reset", "truncate", "slow", "503"), delay=0.2) as proxy:
         monkeypatch.setenv("ECHO_SSL_S3_ENDPOINT", proxy.url)  # boto3 (and the forked workers) talk to the proxy
         started = time.monotonic()
         got = _epoch(remote, epoch=1)  # max_skipped_fraction=0: a single dropped sample would raise
