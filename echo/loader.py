@@ -128,11 +128,30 @@ def _set_progress(progress: Any, wid: int, seq: int) -> None:
     progress[2 * wid] = float(seq)
 
 
-def _worker_main(wid: int, dataset: Any, tasks: Connection, out: Connection, progress: Any, ahead: int) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this forked worker when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    A forked worker inherits its parent's sockets; one that outlived a killed Ray Train
+    worker would hold the raylet connection open, so Ray would never notice the death and
+    the rest of the group would wait instead of restarting from the checkpoint.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent-PID check below still applies
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _worker_main(wid: int, dataset: Any, tasks: Connection, out: Connection, progress: Any, ahead: int,
+                 parent: int) -> None:
     """Worker process: run tasks ``(epoch, [(seq, position)], {seq: reason})`` until ``None``.
 
     Sends ``("sample", seq, numpy dict)``, ``("skip", seq, Skip)`` or ``("error", seq, text)``.
     """
+    _die_with_parent(parent)
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     outbox: queue.Queue = queue.Queue(maxsize=max(1, ahead))
@@ -322,7 +341,8 @@ class VideoLoader:
         self._progress[2 * wid] = -1.0
         proc = self._ctx.Process(
             target=_worker_main,
-            args=(wid, self.dataset, task_recv, out_send, self._progress, self.prefetch_factor * self.batch_size),
+            args=(wid, self.dataset, task_recv, out_send, self._progress, self.prefetch_factor * self.batch_size,
+                  os.getpid()),
             name=f"echo-loader-{self.rank}-{wid}",
             daemon=True,
         )

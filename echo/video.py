@@ -68,16 +68,34 @@ def _decord():
     return decord
 
 
+def _yuv_frame(gray: np.ndarray):
+    """A yuv420p ``av.VideoFrame`` of a gray ``(H, W)`` uint8 frame, limited range, with every
+    plane's row padding zeroed: x264 reads the padding, and left uninitialised it makes the
+    same frames encode to different bytes now and then."""
+    import av
+
+    h, w = gray.shape
+    y = (16 + (gray.astype(np.uint16) * 219 + 127) // 255).astype(np.uint8)
+    chroma = np.full((h // 2, w // 2), 128, np.uint8)
+    frame = av.VideoFrame(w, h, "yuv420p")
+    for plane, values in zip(frame.planes, (y, chroma, chroma)):
+        padded = np.zeros((plane.height, plane.line_size), np.uint8)
+        padded[:, : plane.width] = values
+        plane.update(padded)
+    return frame
+
+
 def encode_mp4(frames: np.ndarray, fps: float, keyframe_interval: int = KEYFRAME_INTERVAL, crf: int = 18) -> bytes:
-    """Encode ``frames`` (``(T, H, W)`` gray or ``(T, H, W, 3)`` RGB, uint8) as H.264 MP4 bytes.
+    """Encode gray ``frames`` ``(T, H, W)`` uint8 as H.264 MP4 bytes; the same frames always give
+    the same bytes.
 
     ``fps`` is the true frame rate in frames per second. H and W must be even (yuv420p).
     """
     import av
 
     frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim not in (3, 4) or len(frames) == 0:
-        raise ValueError(f"frames must be a non-empty uint8 (T, H, W[, 3]) array, got {frames.dtype} {frames.shape}")
+    if frames.dtype != np.uint8 or frames.ndim != 3 or len(frames) == 0:
+        raise ValueError(f"frames must be a non-empty uint8 (T, H, W) gray array, got {frames.dtype} {frames.shape}")
     h, w = frames.shape[1:3]
     if h % 2 or w % 2:
         raise ValueError(f"frame size must be even for yuv420p, got {h}x{w}")
@@ -93,9 +111,8 @@ def encode_mp4(frames: np.ndarray, fps: float, keyframe_interval: int = KEYFRAME
             "preset": "veryfast",
             "x264-params": f"keyint={keyframe_interval}:min-keyint={keyframe_interval}:scenecut=0:bframes=0",
         }
-        fmt = "gray" if frames.ndim == 3 else "rgb24"
         for i, frame in enumerate(frames):
-            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format=fmt)
+            vf = _yuv_frame(frame)
             vf.pts = i
             for packet in stream.encode(vf):
                 container.mux(packet)
