@@ -10,7 +10,7 @@ workers; which samples form a batch, and in what order, depends on ``(seed, epoc
 world_size, batch_size)`` only, never on the number of workers; the samples themselves
 depend on ``(dataset seed, epoch, position)`` only.
 
-Supervision. Workers are forked processes, started on first use and kept across epochs.
+Supervision. Workers are fork-server processes, started on first use and kept across epochs.
 Each works through its own shard in the epoch's order, publishes in shared memory which
 sample it is on, and sends each finished sample (as pickled numpy arrays, over a pipe, so a
 dying worker cannot leave half-shared memory behind); the loader collates batches in order.
@@ -129,20 +129,17 @@ def _set_progress(progress: Any, wid: int, seq: int) -> None:
 
 
 def _die_with_parent(parent: int) -> None:
-    """Have the kernel kill this forked worker when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+    """Exit when the loader's process is gone (checked every second, in a daemon thread)."""
 
-    A forked worker inherits its parent's sockets; one that outlived a killed Ray Train
-    worker would hold the raylet connection open, so Ray would never notice the death and
-    the rest of the group would wait instead of restarting from the checkpoint.
-    """
-    try:
-        import ctypes
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                os._exit(1)
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the parent-PID check below still applies
-        pass
-    if os.getppid() != parent:
-        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="echo-loader-parent-watch").start()
 
 
 def _worker_main(wid: int, dataset: Any, tasks: Connection, out: Connection, progress: Any, ahead: int,
@@ -240,7 +237,11 @@ class VideoLoader:
         self._logged: set[str] = set()
         self._workers: list[_Worker] = []
         self._progress: Any = None
-        self._ctx = mp.get_context("fork")
+        # Workers come from a fork server (a fresh interpreter), not from a fork of this
+        # process: a Ray worker holds gRPC threads, locks and the raylet socket, and a child
+        # forked from it can deadlock or keep a killed worker looking alive to Ray.
+        self._ctx = mp.get_context("forkserver")
+        self._ctx.set_forkserver_preload(["echo.dataset"])
         shard = rank_shard(len(dataset), self.seed, self.rank, self.world_size)
         # worker w owns every num_workers-th position of the rank's fixed shard (-1: another rank's)
         self._owner = np.full(len(dataset), -1, np.int32)

@@ -147,6 +147,7 @@ def pretrain_loop(config: dict[str, Any], session: Session | None = None) -> Non
     logger = rank0_logger(session, cfg.tracking_uri, cfg.mlflow_run_id, key="loss")
     if start_epoch:
         progress(f"resuming at epoch {start_epoch + 1}/{cfg.epochs} (step {step})")
+        logger.log({"resumed_at_epoch": start_epoch}, start_epoch, once_key="resumed_at_epoch")
 
     for epoch in range(start_epoch, cfg.epochs):
         loader.set_epoch(epoch)
@@ -260,9 +261,10 @@ def _log_encoder(model, cfg: PretrainConfig) -> None:
 
 def run_pretrain(cfg: PretrainConfig, ray_opts: RayOptions, resume: bool = False, ray_address: str | None = None) -> str:
     """Validate, create (or, with ``resume``, find) the MLflow run, train on Ray; return the run ID."""
-    from echo.manifest import load_manifest
+    from echo.manifest import absolute_uri, load_manifest
     from echo.raycluster import connect
 
+    cfg.manifest = absolute_uri(cfg.manifest)
     manifest = load_manifest(cfg.manifest)  # fails fast, before any worker starts
     rows = manifest.split(*cfg.splits)
     if len(rows) < cfg.batch_size * ray_opts.workers:

@@ -357,16 +357,19 @@ class _EpochLogger:
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self.done = tracking.logged_steps(tracking_uri, run_id, key) if run_id else set()
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    def log(self, metrics: dict[str, float], step: int, once_key: str | None = None) -> None:
+        """Log unless this epoch was logged before; ``once_key`` names a metric with its own record."""
         from echo import tracking
 
-        if self.run_id and step not in self.done:
+        if once_key:
+            tracking.log_metrics(self.tracking_uri, self.run_id, metrics, step)
+        elif step not in self.done:
             tracking.log_metrics(self.tracking_uri, self.run_id, metrics, step)
             self.done.add(step)
 
 
 class _NoLogger:
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    def log(self, metrics: dict[str, float], step: int, once_key: str | None = None) -> None:
         pass
 
 
