@@ -1,0 +1,99 @@
+"""Fine-tuning on Ray Train from random and from a pretraining run, evaluation with 95% CIs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from echo import tracking
+from echo.finetune import FinetuneConfig, run_finetune
+from echo.pretrain import PretrainConfig, pretrain_loop
+from echo.trainer import LocalSession, RayOptions
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(synth_small, tracking_uri, tmp_path_factory) -> str:
+    """A short EchoCLR pretraining run (in-process; the Ray path is tested in test_pretrain)."""
+    cfg = PretrainConfig(manifest=synth_small, backbone="tiny3d", epochs=2, batch_size=8, lr=1e-3, loader_workers=0,
+                         probe_every=0, tracking_uri=tracking_uri, experiment="pretrain-for-finetune")
+    cfg.mlflow_run_id = tracking.create_run(tracking_uri, cfg.experiment, "pretrain")
+    pretrain_loop(dataclasses.asdict(cfg), session=LocalSession(tmp_path_factory.mktemp("pre")))
+    return cfg.mlflow_run_id
+
+
+def _finetune(synth_small, tracking_uri, tmp_path, **kw) -> tuple[FinetuneConfig, str]:
+    cfg = FinetuneConfig(manifest=synth_small, backbone="tiny3d", epochs=3, batch_size=8, clip_len=8, lr=1e-3,
+                         loader_workers=1, n_resamples=300, tracking_uri=tracking_uri, **kw)
+    run_id = run_finetune(cfg, RayOptions(workers=1, cpus_per_worker=1, storage=str(tmp_path / "runs")))
+    return cfg, run_id
+
+
+def test_finetune_from_pretraining_run_records_metrics_intervals_plots_and_model(
+        ray_cluster, synth_small, tracking_uri, pretrain_run, tmp_path, capsys):
+    cfg, run_id = _finetune(synth_small, tracking_uri, tmp_path, init=f"runs:/{pretrain_run}", label_fraction=0.5,
+                            seed=1)
+    out = capsys.readouterr().out
+    assert "test AUROC" in out and "95% CI" in out
+    c = tracking.client(tracking_uri)
+    run = c.get_run(run_id)
+    m = run.data.metrics
+    for key in ("test_auroc", "test_auroc_ci_low", "test_auroc_ci_high", "test_auroc_delong_ci_low", "test_auprc",
+                "test_balanced_accuracy", "test_sensitivity", "test_specificity", "test_brier", "val_auroc",
+                "test_video_auroc", "n_train_studies"):
+        assert key in m, key
+    assert m["test_auroc_ci_low"] <= m["test_auroc"] <= m["test_auroc_ci_high"]
+    assert run.data.params["init"] == f"runs:/{pretrain_run}" and run.data.params["label_fraction"] == "0.5"
+    assert run.data.params["seed"] == "1" and run.data.params["subset_seed"] == "0"
+    files = {f.path for f in c.list_artifacts(run_id, "evaluation")}
+    for name in ("test_roc.png", "test_pr.png", "test_calibration.png", "test_study_predictions.csv",
+                 "label_subset.json"):
+        assert f"evaluation/{name}" in files, files
+    # The label subset is recorded as salted hashes: no raw patient ID in the artifact.
+    subset = json.loads(Path(c.download_artifacts(run_id, "evaluation/label_subset.json", str(tmp_path))).read_text())
+    assert subset["label_fraction"] == 0.5 and subset["patient_hashes"]
+    assert not any(h.startswith("P0") for h in subset["patient_hashes"])
+    # Each epoch logged once, and the model loads back without unpickling code.
+    steps = [x.step for x in c.get_metric_history(run_id, "val_auroc")]
+    assert len(steps) == len(set(steps)) >= 1
+    import echo
+
+    model = echo.load_model(f"runs:/{run_id}/model", tracking_uri=tracking_uri)
+    assert model.meta["pretrain_run_id"] == pretrain_run and model.meta["label_fraction"] == 0.5
+
+
+def test_finetune_from_random_then_evaluate_with_saliency(ray_cluster, synth_small, tracking_uri, tmp_path, capsys):
+    from echo.cli import main
+
+    _, run_id = _finetune(synth_small, tracking_uri, tmp_path, init="random", freeze_epochs=0)
+    rc = main(["evaluate", "--model", f"runs:/{run_id}/model", "--manifest", synth_small, "--tracking-uri",
+               tracking_uri, "--n-resamples", "300", "--saliency", "2", "--out", str(tmp_path / "eval")])
+    assert rc == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("test AUROC") and "studies" in line and "positive" in line
+    assert len(list((tmp_path / "eval" / "saliency").glob("*.gif"))) == 2
+    runs = tracking.client(tracking_uri).search_runs(
+        [tracking.ensure_experiment(tracking_uri, "echo-ssl-evaluate")], order_by=["attributes.start_time DESC"])
+    metrics = runs[0].data.metrics
+    assert 0 < metrics["saliency_area_share"] < 1 and 0 <= metrics["saliency_valve_share"] <= 1
+    assert metrics["test_auroc_ci_low"] <= metrics["test_auroc"] <= metrics["test_auroc_ci_high"]
+
+
+def test_single_class_validation_split_is_refused_before_training(synth_small, tmp_path):
+    import pandas as pd
+
+    table = pd.read_csv(synth_small, dtype=str, keep_default_na=False)
+    base = Path(synth_small).parent
+    table["video_uri"] = [str(base / v) for v in table["video_uri"]]
+    table.loc[table["split"] == "val", "label"] = "0"
+    bad = tmp_path / "one-class-val.csv"
+    table.to_csv(bad, index=False)
+    with pytest.raises(ValueError, match="val split needs both"):
+        run_finetune(FinetuneConfig(manifest=str(bad), backbone="tiny3d"), RayOptions())
