@@ -44,13 +44,36 @@ def apply_config(parser: argparse.ArgumentParser, values: dict[str, Any], uri: s
         )
     converted = {}
     for key, value in values.items():
-        action = known[key]
-        if isinstance(value, list) and action.nargs not in ("*", "+"):
-            value = ",".join(str(v) for v in value)
-        if action.type is not None and isinstance(value, str):
-            try:
-                value = action.type(value)
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"config file {uri}: key {key!r}: {e}") from None
-        converted[key] = value
+        converted[key] = _convert(known[key], key, value, uri)
     parser.set_defaults(**converted)
+
+
+_SWITCHES = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
+
+
+def _convert(action: argparse.Action, key: str, value: Any, uri: str) -> Any:
+    """``value`` from YAML checked and converted as argparse would a flag's text: the option's type
+    (applied to the text of numbers too, so ``2.5`` for an integer option is refused), its choices,
+    and a YAML boolean for a switch. ``None`` is kept (the option's "not given")."""
+    if value is None:
+        return None
+    if isinstance(action, _SWITCHES):
+        if not isinstance(value, bool):
+            raise ConfigError(f"config file {uri}: key {key!r}: expected true or false, got {value!r}")
+        return value
+    many = action.nargs in ("*", "+")
+    if isinstance(value, list) and not many:
+        value = ",".join(str(v) for v in value)
+    items = value if isinstance(value, list) else [value]
+    if action.type is not None:
+        try:
+            items = [action.type(v if isinstance(v, str) else str(v)) for v in items]
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            raise ConfigError(f"config file {uri}: key {key!r}: {e}") from None
+    if action.choices is not None:
+        for v in items:
+            if v not in action.choices:
+                raise ConfigError(
+                    f"config file {uri}: key {key!r}: {v!r} is not one of {', '.join(map(str, action.choices))}"
+                )
+    return items if isinstance(value, list) else items[0]

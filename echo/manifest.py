@@ -100,6 +100,17 @@ def absolute_uri(uri: str) -> str:
     return uri if storage.is_s3(uri) or "://" in uri else os.path.abspath(uri)
 
 
+def _folder(uri: str) -> str:
+    """The folder a manifest's relative ``video_uri`` values resolve against."""
+    if storage.is_s3(uri):
+        return uri.rsplit("/", 1)[0]
+    return os.path.dirname(uri) or "."
+
+
+def _resolve(folder: str, video_uri: str) -> str:
+    return storage.join(folder, video_uri.strip())
+
+
 def read_table(uri: str) -> tuple[pd.DataFrame, bytes]:
     """The raw table (every cell as a string, empty cells as ``""``) and the file's bytes."""
     data = storage.read_bytes(uri)
@@ -152,8 +163,10 @@ def validate(table: pd.DataFrame, uri: str) -> tuple[list[Problem], list[Problem
         elif math.isnan(lab) and sp in LABELLED_SPLITS:
             errors.append(Problem(f"split {sp!r} needs a label (1 or 0)", int(r), "label"))
 
+    # Compared after resolution: "videos/a.mp4" and the same file's absolute path are one video.
+    folder = _folder(uri)
     first_row: dict[str, int] = {}
-    for r, v in zip(rows, table["video_uri"].str.strip()):
+    for r, v in zip(rows, (_resolve(folder, v) for v in table["video_uri"])):
         if v in first_row:
             errors.append(Problem(f"duplicate video_uri (first on row {first_row[v]})", int(r), "video_uri"))
         else:
@@ -220,11 +233,11 @@ def load_manifest(uri: str, check_objects: bool = False) -> Manifest:
     errors, warnings = validate(table, uri)
     if errors:
         raise ManifestError(uri, errors)
-    base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    folder = _folder(uri)
     table = table.copy()
     table.insert(0, "row", np.arange(1, len(table) + 1))
     table["split"] = table["split"].str.strip()
-    table["video_uri"] = [storage.join(base, v.strip()) for v in table["video_uri"]]
+    table["video_uri"] = [_resolve(folder, v) for v in table["video_uri"]]
     table["label"] = [_parse_label(c) for c in table["label"]]
     for col in ("n_frames", "fps"):
         if col in table.columns:
