@@ -53,7 +53,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], argpa
                 groups[prefix] = group_parser.add_subparsers(
                     dest=f"command_{depth}", metavar="COMMAND", required=True
                 )
-        leaf = groups[words[:-1]].add_parser(words[-1], help=help_text, description=help_text)
+        leaf = groups[words[:-1]].add_parser(words[-1], help=help_text.replace("%", "%%"), description=help_text)
         leaf.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (local or s3://); flags override it")
         module = importlib.import_module(f"echo.commands.{module_name}")
         module.add_arguments(leaf)
@@ -62,26 +62,28 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], argpa
     return parser, leaves
 
 
-def _words(args: argparse.Namespace) -> tuple[str, ...]:
-    words = [args.command]
-    depth = 1
-    while getattr(args, f"command_{depth}", None):
-        words.append(getattr(args, f"command_{depth}"))
-        depth += 1
-    return tuple(words)
+def _config_path(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     parser, leaves = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    if args.config:
+    config = _config_path(argv)
+    words = max((w for w in leaves if tuple(argv[: len(w)]) == w), key=len, default=None)
+    if config and words:
+        # The file is applied before parsing, so it can also supply options that are required.
         try:
-            apply_config(leaves[_words(args)], load_config(args.config), args.config)
+            apply_config(leaves[words], load_config(config), config)
         except ConfigError as e:
             parser.exit(2, f"echo-ssl: error: {e}\n")
-        args = parser.parse_args(argv)
+    args = parser.parse_args(argv)
     return int(args._run(args) or 0)
 
 

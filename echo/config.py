@@ -45,6 +45,8 @@ def apply_config(parser: argparse.ArgumentParser, values: dict[str, Any], uri: s
     converted = {}
     for key, value in values.items():
         converted[key] = _convert(known[key], key, value, uri)
+        if value is not None:
+            known[key].required = False  # supplied by the file
     parser.set_defaults(**converted)
 
 

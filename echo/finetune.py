@@ -188,6 +188,10 @@ def finetune_loop(config: dict[str, Any], session: Session | None = None) -> Non
     logger = rank0_logger(session, cfg.tracking_uri, cfg.mlflow_run_id, key="val_auroc")
     use_amp = cfg.amp and device.type == "cuda"
     sign = 1.0 if cfg.monitor == "auroc" else -1.0
+    if state is not None and (start_epoch >= cfg.epochs or best["bad"] >= cfg.patience):
+        # Restored after it had finished (e.g. a resumed search): report its result again, train nothing.
+        session.report(state["metrics"], None)
+        return
 
     for epoch in range(start_epoch, cfg.epochs):
         if best["bad"] >= cfg.patience:
@@ -236,7 +240,7 @@ def finetune_loop(config: dict[str, Any], session: Session | None = None) -> Non
 
             state_out = {
                 "model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch": epoch + 1, "step": step, "rng": rng_state(), "best": best,
+                "epoch": epoch + 1, "step": step, "rng": rng_state(), "best": best, "metrics": metrics,
                 "config": json.dumps(dataclasses.asdict(cfg)),
             }
         session.report(metrics, state_out)
@@ -275,7 +279,8 @@ def finalize(model, cfg: FinetuneConfig, manifest, device: torch.device, best_ep
 
     val_videos = videos_of("val")
     thresholds = choose_thresholds(study_predictions(val_videos))
-    report = split_report(val_videos, thresholds, cfg.seed, cfg.n_resamples, prefix="val")
+    # "val_final_*": the final weights on all evaluation clips ("val_auroc" is the per-epoch metric).
+    report = split_report(val_videos, thresholds, cfg.seed, cfg.n_resamples, prefix="val_final")
     train, patients = training_rows(manifest, cfg.label_fraction, cfg.subset_seed)
     report["n_train_studies"] = float(train["study_id"].nunique())
     report["n_train_videos"] = float(len(train))
@@ -304,7 +309,8 @@ def finalize(model, cfg: FinetuneConfig, manifest, device: torch.device, best_ep
         "num_clips": cfg.eval_clips, "stride": cfg.stride,
         "threshold": min(1.0, thresholds.youden), "threshold_sens90": min(1.0, thresholds.sens90),
         "manifest_sha256": manifest.sha256, "code_version": __version__, "run_id": cfg.mlflow_run_id,
-        **{k: report[k] for k in report if k.startswith(("val_auroc", "test_auroc")) or k.startswith("n_train")},
+        "val_auroc": report["val_final_auroc"],
+        **{k: report[k] for k in report if k.startswith("test_auroc") or k.startswith("n_train")},
     }
     bundle = save_bundle(model.cpu(), meta, str(folder / "bundle"))
     mlflow.set_tracking_uri(tracking_uri)

@@ -143,11 +143,14 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _worker_main(wid: int, dataset: Any, tasks: Connection, out: Connection, progress: Any, ahead: int,
-                 parent: int) -> None:
+                 parent: int, env: dict[str, str]) -> None:
     """Worker process: run tasks ``(epoch, [(seq, position)], {seq: reason})`` until ``None``.
 
     Sends ``("sample", seq, numpy dict)``, ``("skip", seq, Skip)`` or ``("error", seq, text)``.
+    ``env`` is the loader's environment now (the fork server's may be older: S3 endpoints).
     """
+    os.environ.clear()
+    os.environ.update(env)
     _die_with_parent(parent)
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
@@ -343,7 +346,7 @@ class VideoLoader:
         proc = self._ctx.Process(
             target=_worker_main,
             args=(wid, self.dataset, task_recv, out_send, self._progress, self.prefetch_factor * self.batch_size,
-                  os.getpid()),
+                  os.getpid(), dict(os.environ)),
             name=f"echo-loader-{self.rank}-{wid}",
             daemon=True,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 
 __all__ = ["connect", "TRAIN_DRIVER"]
 
@@ -33,6 +34,8 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     cpus = num_cpus or os.cpu_count() or 1
+    # A temp folder of its own: a bare ray.init() would attach to any cluster recorded in the default one.
+    temp_dir = tempfile.mkdtemp(prefix="echo-ray-", dir="/tmp")
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "ECHO_SSL_S3_ENDPOINT", "MLFLOW_TRACKING_URI") if k in os.environ}
     ray.init(
         num_cpus=cpus,
@@ -43,5 +46,6 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         log_to_driver=True,
         configure_logging=True,
         logging_level=logging.WARNING,
+        _temp_dir=temp_dir,
     )
     log.info("started a local Ray on 127.0.0.1 with %d CPUs", cpus)

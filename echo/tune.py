@@ -155,7 +155,8 @@ def _trial(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(config["base"].get("threads", 1))))
     base.pop("threads", None)
     finetune_loop(base, session=TuneSession())
-    tracking.set_terminated(uri, run_id)
+    if tracking.client(uri).get_run(run_id).info.status != "FINISHED":
+        tracking.set_terminated(uri, run_id)
 
 
 def _run_cell(cfg: TuneConfig, fraction: str, init: str, subset_seed: str, parent_run_id: str, search_name: str,
@@ -253,10 +254,10 @@ def run_search(cfg: TuneConfig, resume: bool = False, ray_address: str | None = 
         rows.append({
             "init": init, "label_fraction": float(fraction), "subset_seed": int(subset_seed),
             "auroc": rep["test_auroc"], "ci_low": rep["test_auroc_ci_low"], "ci_high": rep["test_auroc_ci_high"],
-            "val_auroc": rep["val_auroc"], "n_train_studies": int(rep["n_train_studies"]),
+            "val_auroc": rep["val_final_auroc"], "n_train_studies": int(rep["n_train_studies"]),
             "best_run_id": run_id, **{f"hp_{k}": v for k, v in found["hyper"].items()},
         })
-        progress(f"  best trial: val AUROC {rep['val_auroc']:.3f}; test AUROC {rep['test_auroc']:.3f} "
+        progress(f"  best trial: val AUROC {rep['val_final_auroc']:.3f}; test AUROC {rep['test_auroc']:.3f} "
                  f"(95% CI {rep['test_auroc_ci_low']:.3f}-{rep['test_auroc_ci_high']:.3f})")
     detail = pd.DataFrame(rows)
     table = _summarise(detail)

@@ -33,7 +33,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, helps: dict
         kind = _field_type(cls, f)
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
-        text = helps.get(f.name, "")
+        text = helps.get(f.name, "").replace("%", "%%")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         flag = "--" + f.name.replace("_", "-")
         if kind is bool:

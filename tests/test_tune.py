@@ -1,0 +1,125 @@
+"""The Tune search: cells of label fraction x init, MLflow parent/child runs, the table and plot,
+registration of the best models, and resuming an interrupted search."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from echo import tracking
+from conftest import REPO, stop_process_group
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow-tune') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(synth_small, tracking_uri, tmp_path_factory) -> str:
+    import dataclasses
+
+    from echo.pretrain import PretrainConfig, pretrain_loop
+    from echo.trainer import LocalSession
+
+    cfg = PretrainConfig(manifest=synth_small, backbone="tiny3d", epochs=1, batch_size=8, lr=1e-3, loader_workers=0,
+                         probe_every=0, tracking_uri=tracking_uri, experiment="pretrain-for-tune")
+    cfg.mlflow_run_id = tracking.create_run(tracking_uri, cfg.experiment, "pretrain")
+    pretrain_loop(dataclasses.asdict(cfg), session=LocalSession(tmp_path_factory.mktemp("pre")))
+    return cfg.mlflow_run_id
+
+
+def _args(manifest: str, tracking_uri: str, tmp_path: Path, name: str, **kw) -> list[str]:
+    opts = {"manifest": manifest, "backbone": "tiny3d", "epochs": "2", "batch-size": "8", "clip-len": "8",
+            "num-samples": "2", "max-concurrent": "2", "cpus-per-trial": "0.5", "n-resamples": "200",
+            "grace-period": "1", "tracking-uri": tracking_uri, "out": str(tmp_path / "out"),
+            "storage": str(tmp_path / "tune-runs"), "name": name, **kw}
+    return [x for k, v in opts.items() for x in (f"--{k}", v)]
+
+
+def _children(tracking_uri: str, parent: str) -> list:
+    c = tracking.client(tracking_uri)
+    exp = c.get_experiment_by_name("echo-ssl-tune")
+    return c.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+
+
+def test_search_two_fractions_two_inits_table_plot_runs_and_registry(
+        ray_cluster, synth_small, tracking_uri, pretrain_run, tmp_path, capsys):
+    from echo.cli import main
+
+    inits = f"random,runs:/{pretrain_run}"
+    rc = main(["tune", *_args(synth_small, tracking_uri, tmp_path, "s2x2", fractions="0.5,1.0", inits=inits),
+               "--register", "--model-name", "tune-test-model"])
+    assert rc == 0
+    table = pd.read_csv(tmp_path / "out" / "label_efficiency.csv")
+    assert len(table) == 4
+    assert set(table["init"]) == {"random", f"runs:/{pretrain_run}"} and set(table["label_fraction"]) == {0.5, 1.0}
+    for col in ("auroc", "ci_low", "ci_high", "n_train_studies", "hp_lr", "hp_dropout"):
+        assert col in table.columns, col
+    assert (table["ci_low"] <= table["auroc"]).all() and (table["auroc"] <= table["ci_high"]).all()
+    half, full = (table[table["label_fraction"] == f]["n_train_studies"].iloc[0] for f in (0.5, 1.0))
+    assert half < full
+    with Image.open(tmp_path / "out" / "label_efficiency.png") as img:
+        assert img.format == "PNG" and img.size[0] > 200
+    assert "| init | label fraction |" in (tmp_path / "out" / "label_efficiency.md").read_text()
+
+    parent = tracking.find_run(tracking_uri, "echo-ssl-tune", "echo.search_name", "s2x2")
+    children = _children(tracking_uri, parent)
+    assert len(children) == 8  # 2 fractions x 2 inits x 2 samples
+    cells = {(r.data.tags["echo.label_fraction"], r.data.tags["echo.init"]) for r in children}
+    assert len(cells) == 4
+    best = [r for r in children if r.data.tags.get("best") == "true"]
+    assert len(best) == 4 and len({(r.data.tags["echo.label_fraction"], r.data.tags["echo.init"]) for r in best}) == 4
+    assert all("test_auroc_ci_low" in r.data.metrics for r in best)
+    assert all("test_auroc" not in r.data.metrics for r in children if r.data.tags.get("best") != "true")
+    artifacts = {a.path for a in tracking.client(tracking_uri).list_artifacts(parent, "results")}
+    assert {"results/label_efficiency.csv", "results/label_efficiency.png"} <= artifacts
+    versions = tracking.client(tracking_uri).search_model_versions("name = 'tune-test-model'")
+    assert len(versions) == 2  # the best model of each label fraction
+
+
+def test_interrupted_search_resumes_without_repeating_finished_trials(
+        ray_cluster, synth_small, tracking_uri, tmp_path):
+    args = _args(synth_small, tracking_uri, tmp_path, "resumable", fractions="1.0", inits="random",
+                 **{"num-samples": "3", "max-concurrent": "1", "epochs": "3", "scheduler": "fifo"})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(REPO / "tune_search.py"), *args], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        finished: list = []
+        while not finished:
+            assert proc.poll() is None, "the search ended before it could be interrupted"
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(1)
+            parent = tracking.find_run(tracking_uri, "echo-ssl-tune", "echo.search_name", "resumable")
+            finished = [r for r in _children(tracking_uri, parent) if r.info.status == "FINISHED"] if parent else []
+    finally:
+        stop_process_group(proc)  # the interruption: the search and its local Ray die together
+    client = tracking.client(tracking_uri)
+
+    def epochs(run) -> list[tuple[int, int]]:
+        return sorted((m.step, m.timestamp) for m in client.get_metric_history(run.info.run_id, "val_auroc"))
+
+    before = {r.data.tags["echo.trial_id"]: epochs(r) for r in finished}
+    assert len(before) < 3
+
+    from echo.cli import main
+
+    assert main(["tune", *args, "--resume"]) == 0
+    children = _children(tracking_uri, parent)
+    trial_ids = [r.data.tags["echo.trial_id"] for r in children]
+    assert len(trial_ids) == len(set(trial_ids)) == 3
+    after = {r.data.tags["echo.trial_id"]: r for r in children}
+    for trial, logged in before.items():
+        assert len(logged) == 3
+        assert epochs(after[trial]) == logged, f"finished trial {trial} trained again"
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert len(pd.read_csv(tmp_path / "out" / "label_efficiency.csv")) == 1
