@@ -17,6 +17,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 # (command words, module in echo.commands, one-line help)
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
+    (("demo",), "demo", "the whole system on synthetic data: pretrain, Tune, registry, predict, saliency"),
     (("synth",), "synth", "write a synthetic PLAX echo data set (videos + manifest)"),
     (("manifest", "check"), "manifest_check", "validate a manifest and print a summary"),
     (("models", "register"), "models_register", "register a fine-tuning run's model (champion moves only on a better test AUROC)"),

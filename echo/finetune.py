@@ -262,7 +262,6 @@ def finalize(model, cfg: FinetuneConfig, manifest, device: torch.device, best_ep
     """
     import mlflow
 
-    from echo import __version__
     from echo.bundle import save_bundle
     from echo.evaluate import (choose_thresholds, log_evaluation, predict_videos, split_report, study_predictions,
                                summary_line, write_evaluation)
@@ -308,7 +307,7 @@ def finalize(model, cfg: FinetuneConfig, manifest, device: torch.device, best_ep
         "pretrain_run_id": pretrain_run, "backbone": cfg.backbone, "clip_len": cfg.clip_len,
         "num_clips": cfg.eval_clips, "stride": cfg.stride,
         "threshold": min(1.0, thresholds.youden), "threshold_sens90": min(1.0, thresholds.sens90),
-        "manifest_sha256": manifest.sha256, "code_version": __version__, "run_id": cfg.mlflow_run_id,
+        "manifest_sha256": manifest.sha256, "run_id": cfg.mlflow_run_id,
         "val_auroc": report["val_final_auroc"],
         **{k: report[k] for k in report if k.startswith("test_auroc") or k.startswith("n_train")},
     }

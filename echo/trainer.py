@@ -83,6 +83,13 @@ class RayTrainSession(Session):
     def __init__(self) -> None:
         import ray.train
 
+        try:  # Train logs every report at INFO under its file's path; one progress line per epoch is ours
+            from ray.train.v2._internal.execution import context as train_context
+
+            logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+        except ImportError:
+            pass
+
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
@@ -278,7 +285,7 @@ def fit_on_ray(loop: Callable[[dict], None], config: dict[str, Any], opts: RayOp
     Re-running with the same ``run_name`` and ``storage`` resumes the run from its latest
     checkpoint (Ray Train V2 semantics).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = opts.gpus_per_worker > 0
@@ -297,6 +304,7 @@ def fit_on_ray(loop: Callable[[dict], None], config: dict[str, Any], opts: RayOp
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=opts.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=opts.num_to_keep),
+            logging_config=LoggingConfig(log_level="WARNING"),  # our own one line per epoch suffices
         ),
     )
     started = time.monotonic()

@@ -136,6 +136,8 @@ def _trial(config: dict[str, Any]) -> None:
     """Tune function trainable: one fine-tuning run, reported every epoch."""
     import ray.tune
 
+    for name in ("ray.train", "ray.tune"):  # one progress line per epoch is ours; no per-report logs
+        logging.getLogger(name).setLevel(logging.WARNING)
     base = dict(config["base"])
     base.update({k: v for k, v in config.items() if k != "base"})
     context = ray.tune.get_context()
@@ -225,6 +227,7 @@ def run_search(cfg: TuneConfig, resume: bool = False, ray_address: str | None = 
     from echo.manifest import absolute_uri, load_manifest
     from echo.raycluster import connect
 
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     manifest = load_manifest(cfg.manifest)  # a bad manifest stops the search before it starts
     cfg.manifest = absolute_uri(cfg.manifest)
     cfg.tracking_uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
