@@ -123,10 +123,10 @@ def run_demo(cfg: DemoConfig) -> int:
               f"(label {'severe' if row.label == 1 else 'not severe'})")
     _done(t)
 
-    t = _step(6, "saliency GIFs for those videos (Grad-CAM)")
+    t = _step(6, "saliency GIFs for those videos (SmoothGrad)")
     from echo.attribution import region_boxes
 
-    table = explain_videos(model, picks["video_uri"].tolist(), str(out / "saliency"), "gradcam",
+    table = explain_videos(model, picks["video_uri"].tolist(), str(out / "saliency"), "smoothgrad",
                            region_boxes(picks, "valve"))
     print(f"   saliency energy on the aortic valve: {table['region_share'].mean():.2f} "
           f"(a uniform map would put {table['area_share'].mean():.2f} there)")
