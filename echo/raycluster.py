@@ -37,14 +37,12 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     # A temp folder of its own: a bare ray.init() would attach to any cluster recorded in the default one.
     temp_dir = tempfile.mkdtemp(prefix="echo-ray-", dir="/tmp")
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "ECHO_SSL_S3_ENDPOINT", "MLFLOW_TRACKING_URI") if k in os.environ}
-    # Progress lines are printed by rank 0; Train's print patch would echo each one twice.
-    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     ray.init(
         num_cpus=cpus,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         resources={TRAIN_DRIVER: cpus},
-        runtime_env={"env_vars": env},
+        runtime_env={"env_vars": env} if env else None,
         log_to_driver=True,
         configure_logging=True,
         logging_level=logging.WARNING,

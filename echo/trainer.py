@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -165,9 +166,14 @@ def is_rank0() -> bool:
 
 
 def progress(message: str) -> None:
-    """One line of progress, from rank 0 only."""
+    """One line of progress, from rank 0 only.
+
+    Written to stdout directly: Ray Train replaces ``print`` in its workers with a logger,
+    whose level and handlers would drop or double the line.
+    """
     if is_rank0():
-        print(message, flush=True)
+        sys.stdout.write(message + "\n")
+        sys.stdout.flush()
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -98,7 +98,6 @@ def test_pretraining_survives_losing_the_node_of_its_workers(s3_server, s3_bucke
 
         # The worker group was restarted on the surviving node and resumed from S3.
         assert "resuming at epoch" in output, tail(driver_log, 8000)
-        assert output.count("Started training worker group of size 2") >= 2
         assert f"pretrain epoch {EPOCHS}/{EPOCHS}" in output
         assert survivor.proc.poll() is None
         assert len(cluster.alive_nodes()) == 2
