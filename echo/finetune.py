@@ -313,6 +313,8 @@ def finalize(model, cfg: FinetuneConfig, manifest, device: torch.device, best_ep
     }
     bundle = save_bundle(model.cpu(), meta, str(folder / "bundle"))
     mlflow.set_tracking_uri(tracking_uri)
+    # The fluent API refuses a run of another experiment than the process's active one.
+    mlflow.set_experiment(experiment_id=tracking.client(tracking_uri).get_run(cfg.mlflow_run_id).info.experiment_id)
     with mlflow.start_run(run_id=cfg.mlflow_run_id):
         log_model_bundle(bundle)
     return report

@@ -29,7 +29,8 @@ import pytest
 
 from conftest import REPO, free_port, stop_process_group, wait_for_port
 
-__all__ = ["LocalRayCluster", "RayNode", "ray_env", "tail", "synth_to_s3", "checkpoint_keys", "pretrain_run"]
+__all__ = ["LocalRayCluster", "RayNode", "ray_env", "tail", "synth_to_s3", "checkpoint_keys", "registered_checkpoints",
+           "pretrain_run"]
 
 BIN = Path(sys.executable).parent
 MARKER = "ECHO_SSL_TEST_RAY_CLUSTER"
@@ -235,6 +236,24 @@ def checkpoint_keys(storage: str, run_name: str) -> list[str]:
     from echo import storage as st
 
     return [u for u in st.list_prefix(f"{storage}/{run_name}") if "/checkpoint_" in u and u.endswith("/state.pt")]
+
+
+def registered_checkpoints(storage: str, run_name: str) -> list[str]:
+    """Checkpoints Ray Train has registered for the run (its checkpoint-manager snapshot).
+
+    A checkpoint can be in storage before it is registered; a crash in between resumes from
+    the one before, so tests that kill a worker "after a checkpoint" wait for this list.
+    """
+    import json
+
+    from echo import storage as st
+
+    uri = f"{storage}/{run_name}/checkpoint_manager_snapshot.json"
+    try:
+        snapshot = json.loads(st.read_bytes(uri))
+    except (FileNotFoundError, ValueError):
+        return []
+    return [c["checkpoint_dir_name"] for c in snapshot.get("checkpoint_results", [])]
 
 
 def pretrain_run(tracking_uri: str, run_name: str, experiment: str = "echo-ssl-pretrain"):

@@ -19,7 +19,8 @@ import time
 import uuid
 
 from conftest import REPO
-from test_jobs import LocalRayCluster, RayNode, checkpoint_keys, pretrain_run, synth_to_s3, tail
+from test_jobs import (LocalRayCluster, RayNode, checkpoint_keys, pretrain_run, registered_checkpoints, synth_to_s3,
+                       tail)
 
 EPOCHS = 6
 
@@ -73,7 +74,7 @@ def test_pretraining_survives_losing_the_node_of_its_workers(s3_server, s3_bucke
                 cwd=REPO, env=cluster.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
         deadline = time.monotonic() + 240
-        while not checkpoint_keys(storage, run_name):
+        while not registered_checkpoints(storage, run_name):
             assert driver.poll() is None, f"driver ended before the first checkpoint\n{tail(driver_log)}"
             assert time.monotonic() < deadline, f"no checkpoint in S3 after 240 s\n{tail(driver_log)}"
             time.sleep(0.2)

@@ -13,6 +13,7 @@ import pytest
 from echo import tracking
 from echo.pretrain import PretrainConfig, run_pretrain
 from echo.trainer import RayOptions
+from test_jobs import registered_checkpoints
 
 
 def _config(manifest: str, tmp_path: Path, **kw) -> PretrainConfig:
@@ -75,7 +76,7 @@ def test_killed_worker_resumes_from_checkpoint_and_logs_each_epoch_once(ray_clus
     thread = threading.Thread(target=fit)
     thread.start()
     deadline = time.monotonic() + 240
-    while not [p for p in (storage / "killed-worker").glob("checkpoint_*") if p.is_dir()]:
+    while not registered_checkpoints(str(storage), "killed-worker"):
         assert thread.is_alive(), f"run ended before its first checkpoint: {result}"
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.2)
