@@ -31,9 +31,9 @@ from echo.trainer import (
     all_reduce_sum,
     build_optimizer,
     checkpoint_due,
-    fit_on_ray,
+    fit_tracked,
     lockstep,
-    new_run_name,
+    open_tracked_run,
     progress,
     rank0_logger,
     resume_state,
@@ -340,44 +340,23 @@ def finalize_checkpoint(checkpoint, overrides: dict[str, Any] | None = None) -> 
 
 def run_finetune(cfg: FinetuneConfig, ray_opts: RayOptions, resume: bool = False,
                  ray_address: str | None = None) -> str:
-    """Validate, create (or find, with ``resume``) the MLflow run, train on Ray; return the run ID."""
+    """Validate, create (or find, with ``resume``) the MLflow run, train on Ray, evaluate the best
+    weights; return the run ID."""
     from echo.manifest import absolute_uri, load_manifest
-    from echo.raycluster import connect
 
     cfg.manifest = absolute_uri(cfg.manifest)
     manifest = load_manifest(cfg.manifest)
-    train, patients = training_rows(manifest, cfg.label_fraction, cfg.subset_seed)
+    train, _ = training_rows(manifest, cfg.label_fraction, cfg.subset_seed)
     val = manifest.split("val")
     for name, rows in (("train (label fraction)", train), ("val", val)):
         if rows["label"].nunique() < 2:
             raise ValueError(f"manifest {cfg.manifest}: the {name} split needs both severe and non-severe videos")
-    cfg.tracking_uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
-    if resume and not cfg.run_name:
-        raise ValueError("--resume needs --run-name: the name of the run to continue")
-    cfg.run_name = cfg.run_name or new_run_name(f"finetune-{cfg.label_fraction:g}")
-    ray_opts.run_name = cfg.run_name
-    run_id = tracking.find_run(cfg.tracking_uri, cfg.experiment, "echo.run_name", cfg.run_name) if resume else None
-    if resume and run_id is None:
-        raise ValueError(f"--resume: no MLflow run tagged echo.run_name={cfg.run_name} in experiment {cfg.experiment}")
-    if run_id is None:
-        run_id = tracking.create_run(cfg.tracking_uri, cfg.experiment, cfg.run_name,
-                                     tags={"echo.run_name": cfg.run_name, "echo.job": "finetune",
-                                           "echo.manifest_sha256": manifest.sha256,
-                                           "echo.label_fraction": f"{cfg.label_fraction:g}", "echo.init": cfg.init})
-    cfg.mlflow_run_id = run_id
-    params = dataclasses.asdict(cfg)
-    params.update(workers=ray_opts.workers, gpus_per_worker=ray_opts.gpus_per_worker, storage=ray_opts.storage,
-                  manifest_sha256=manifest.sha256, n_train_studies=int(train["study_id"].nunique()))
-    tracking.log_params(cfg.tracking_uri, run_id, params)
-    connect(ray_address)
-    progress(f"fine-tuning {cfg.backbone} from {cfg.init} on {train['study_id'].nunique()} training studies "
+    n_studies = int(train["study_id"].nunique())
+    run_id = open_tracked_run(cfg, ray_opts, resume, "finetune", f"finetune-{cfg.label_fraction:g}", manifest.sha256,
+                              tags={"echo.label_fraction": f"{cfg.label_fraction:g}", "echo.init": cfg.init},
+                              params={"n_train_studies": n_studies})
+    progress(f"fine-tuning {cfg.backbone} from {cfg.init} on {n_studies} training studies "
              f"({cfg.label_fraction:g} of labels); MLflow run {run_id}")
-    try:
-        result = fit_on_ray(finetune_loop, dataclasses.asdict(cfg), ray_opts)
-        finalize_checkpoint(result.checkpoint)
-    except Exception:
-        tracking.set_terminated(cfg.tracking_uri, run_id, "FAILED")
-        raise
-    tracking.set_terminated(cfg.tracking_uri, run_id)
+    fit_tracked(finetune_loop, cfg, ray_opts, ray_address, then=lambda result: finalize_checkpoint(result.checkpoint))
     print(f"fine-tuning finished; MLflow run {run_id} (model runs:/{run_id}/model)", flush=True)
     return run_id

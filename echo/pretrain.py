@@ -30,9 +30,9 @@ from echo.trainer import (
     all_reduce_sum,
     build_optimizer,
     checkpoint_due,
-    fit_on_ray,
+    fit_tracked,
     lockstep,
-    new_run_name,
+    open_tracked_run,
     progress,
     rank0_logger,
     resume_state,
@@ -262,7 +262,6 @@ def _log_encoder(model, cfg: PretrainConfig) -> None:
 def run_pretrain(cfg: PretrainConfig, ray_opts: RayOptions, resume: bool = False, ray_address: str | None = None) -> str:
     """Validate, create (or, with ``resume``, find) the MLflow run, train on Ray; return the run ID."""
     from echo.manifest import absolute_uri, load_manifest
-    from echo.raycluster import connect
 
     cfg.manifest = absolute_uri(cfg.manifest)
     manifest = load_manifest(cfg.manifest)  # fails fast, before any worker starts
@@ -272,31 +271,8 @@ def run_pretrain(cfg: PretrainConfig, ray_opts: RayOptions, resume: bool = False
             f"manifest {cfg.manifest} has {len(rows)} videos in splits {cfg.splits}: fewer than one global batch "
             f"({cfg.batch_size} x {ray_opts.workers} workers); lower --batch-size"
         )
-    cfg.tracking_uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
-    if resume and not cfg.run_name:
-        raise ValueError("--resume needs --run-name: the name of the run to continue")
-    cfg.run_name = cfg.run_name or new_run_name(f"pretrain-{cfg.method}")
-    ray_opts.run_name = cfg.run_name
-    run_id = tracking.find_run(cfg.tracking_uri, cfg.experiment, "echo.run_name", cfg.run_name) if resume else None
-    if resume and run_id is None:
-        raise ValueError(f"--resume: no MLflow run tagged echo.run_name={cfg.run_name} in experiment {cfg.experiment}")
-    if run_id is None:
-        run_id = tracking.create_run(
-            cfg.tracking_uri, cfg.experiment, cfg.run_name,
-            tags={"echo.run_name": cfg.run_name, "echo.job": "pretrain", "echo.manifest_sha256": manifest.sha256},
-        )
-    cfg.mlflow_run_id = run_id
-    params = dataclasses.asdict(cfg)
-    params.update(workers=ray_opts.workers, gpus_per_worker=ray_opts.gpus_per_worker, storage=ray_opts.storage,
-                  manifest_sha256=manifest.sha256)
-    tracking.log_params(cfg.tracking_uri, run_id, params)
-    connect(ray_address)
+    run_id = open_tracked_run(cfg, ray_opts, resume, "pretrain", f"pretrain-{cfg.method}", manifest.sha256)
     progress(f"pretraining {cfg.method} on {len(rows)} videos with {ray_opts.workers} worker(s); MLflow run {run_id}")
-    try:
-        fit_on_ray(pretrain_loop, dataclasses.asdict(cfg), ray_opts)
-    except Exception:
-        tracking.set_terminated(cfg.tracking_uri, run_id, "FAILED")
-        raise
-    tracking.set_terminated(cfg.tracking_uri, run_id)
+    fit_tracked(pretrain_loop, cfg, ray_opts, ray_address)
     print(f"pretraining finished; MLflow run {run_id} (fine-tune with --init runs:/{run_id})", flush=True)
     return run_id

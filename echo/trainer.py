@@ -44,6 +44,8 @@ __all__ = [
     "new_run_name",
     "resume_state",
     "rank0_logger",
+    "open_tracked_run",
+    "fit_tracked",
 ]
 
 log = logging.getLogger(__name__)
@@ -392,3 +394,57 @@ def rank0_logger(session: Session, tracking_uri: str | None, run_id: str | None,
     if session.rank != 0 or not run_id:
         return _NoLogger()
     return _EpochLogger(tracking_uri, run_id, key)
+
+
+def open_tracked_run(cfg: Any, ray_opts: RayOptions, resume: bool, job: str, default_name: str,
+                     manifest_sha256: str, tags: dict[str, str] | None = None,
+                     params: dict[str, Any] | None = None) -> str:
+    """Name the run and create its MLflow run (or, with ``resume``, find it); return the run ID.
+
+    ``cfg`` is a job config dataclass with ``tracking_uri``, ``experiment``, ``run_name`` and
+    ``mlflow_run_id``; those are filled in, and all of ``cfg``, the Ray options and ``params``
+    are logged as the run's parameters. The Ray run name equals the MLflow ``echo.run_name`` tag,
+    which is how ``--resume --run-name`` finds both.
+    """
+    import dataclasses
+
+    from echo import tracking
+
+    cfg.tracking_uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
+    if resume and not cfg.run_name:
+        raise ValueError("--resume needs --run-name: the name of the run to continue")
+    cfg.run_name = cfg.run_name or new_run_name(default_name)
+    ray_opts.run_name = cfg.run_name
+    run_id = tracking.find_run(cfg.tracking_uri, cfg.experiment, "echo.run_name", cfg.run_name) if resume else None
+    if resume and run_id is None:
+        raise ValueError(f"--resume: no MLflow run tagged echo.run_name={cfg.run_name} in experiment {cfg.experiment}")
+    if run_id is None:
+        run_id = tracking.create_run(cfg.tracking_uri, cfg.experiment, cfg.run_name,
+                                     tags={"echo.run_name": cfg.run_name, "echo.job": job,
+                                           "echo.manifest_sha256": manifest_sha256, **(tags or {})})
+    cfg.mlflow_run_id = run_id
+    logged = dataclasses.asdict(cfg)
+    logged.update(workers=ray_opts.workers, gpus_per_worker=ray_opts.gpus_per_worker, storage=ray_opts.storage,
+                  manifest_sha256=manifest_sha256, **(params or {}))
+    tracking.log_params(cfg.tracking_uri, run_id, logged)
+    return run_id
+
+
+def fit_tracked(loop: Callable[[dict], None], cfg: Any, ray_opts: RayOptions, ray_address: str | None,
+                then: Callable[[Any], None] | None = None):
+    """``fit_on_ray`` (then ``then(result)``) with the MLflow run marked FINISHED or FAILED."""
+    import dataclasses
+
+    from echo import tracking
+    from echo.raycluster import connect
+
+    connect(ray_address)
+    try:
+        result = fit_on_ray(loop, dataclasses.asdict(cfg), ray_opts)
+        if then is not None:
+            then(result)
+    except Exception:
+        tracking.set_terminated(cfg.tracking_uri, cfg.mlflow_run_id, "FAILED")
+        raise
+    tracking.set_terminated(cfg.tracking_uri, cfg.mlflow_run_id)
+    return result
