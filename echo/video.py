@@ -106,10 +106,11 @@ def encode_mp4(frames: np.ndarray, fps: float, keyframe_interval: int = KEYFRAME
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.codec_context.gop_size = keyframe_interval
         stream.codec_context.max_b_frames = 0
+        stream.codec_context.thread_count = 1  # x264's threaded output varied under load (seen in CI)
         stream.options = {
             "crf": str(crf),
             "preset": "veryfast",
-            "x264-params": f"keyint={keyframe_interval}:min-keyint={keyframe_interval}:scenecut=0:bframes=0",
+            "x264-params": f"keyint={keyframe_interval}:min-keyint={keyframe_interval}:scenecut=0:bframes=0:threads=1",
         }
         for i, frame in enumerate(frames):
             vf = _yuv_frame(frame)
