@@ -98,6 +98,7 @@ def _probe_auc(model: torch.nn.Module, manifest, cfg: PretrainConfig, device: to
     ``None`` when the manifest has no labelled train and val videos of both classes.
     """
     from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
 
     from echo.evaluate import embed_videos
     from echo.metrics import aggregate_by_group, auroc
@@ -108,8 +109,11 @@ def _probe_auc(model: torch.nn.Module, manifest, cfg: PretrainConfig, device: to
     train = train.sample(n=min(len(train), 2000), random_state=cfg.seed) if len(train) > 2000 else train
     xtr = embed_videos(model, train, cfg.clip_len, device)
     xva = embed_videos(model, val, cfg.clip_len, device)
-    clf = LogisticRegression(max_iter=2000, C=1.0, class_weight="balanced").fit(xtr, train["label"].to_numpy())
-    prob = clf.predict_proba(xva)[:, 1]
+    # Standardised: a random encoder's features are ~1e-3 in scale and would leave the probe at 0.5.
+    scaler = StandardScaler().fit(xtr)
+    clf = LogisticRegression(max_iter=2000, C=1.0, class_weight="balanced").fit(scaler.transform(xtr),
+                                                                               train["label"].to_numpy())
+    prob = clf.predict_proba(scaler.transform(xva))[:, 1]
     studies, p = aggregate_by_group(val["study_id"].to_numpy(), prob)
     _, y = aggregate_by_group(val["study_id"].to_numpy(), val["label"].to_numpy())
     return float(auroc(y, p))

@@ -196,3 +196,26 @@ def synth_small(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("synth-small")
     return synthesize(str(out), patients=32, seed=7, prevalence=0.4, splits=(0.5, 0.25, 0.25), unlabeled_patients=8,
                       size=64, min_frames=16, max_frames=24)
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory) -> str:
+    """An MLflow SQLite store shared by the training tests of the session."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow-training') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def pretrain_run(synth_small, tracking_uri, tmp_path_factory) -> str:
+    """A short EchoCLR pretraining run in ``tracking_uri``, run in-process (the Ray path is tested
+    in test_pretrain); its encoder initialises fine-tuning (``--init runs:/<id>``)."""
+    import dataclasses
+
+    from echo import tracking
+    from echo.pretrain import PretrainConfig, pretrain_loop
+    from echo.trainer import LocalSession
+
+    cfg = PretrainConfig(manifest=synth_small, backbone="tiny3d", epochs=2, batch_size=8, lr=1e-3, loader_workers=0,
+                         probe_every=0, tracking_uri=tracking_uri, experiment="pretrain-for-finetune")
+    cfg.mlflow_run_id = tracking.create_run(tracking_uri, cfg.experiment, "pretrain")
+    pretrain_loop(dataclasses.asdict(cfg), session=LocalSession(tmp_path_factory.mktemp("pre")))
+    return cfg.mlflow_run_id

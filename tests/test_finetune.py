@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -10,23 +9,7 @@ import pytest
 
 from echo import tracking
 from echo.finetune import FinetuneConfig, run_finetune
-from echo.pretrain import PretrainConfig, pretrain_loop
-from echo.trainer import LocalSession, RayOptions
-
-
-@pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-@pytest.fixture(scope="module")
-def pretrain_run(synth_small, tracking_uri, tmp_path_factory) -> str:
-    """A short EchoCLR pretraining run (in-process; the Ray path is tested in test_pretrain)."""
-    cfg = PretrainConfig(manifest=synth_small, backbone="tiny3d", epochs=2, batch_size=8, lr=1e-3, loader_workers=0,
-                         probe_every=0, tracking_uri=tracking_uri, experiment="pretrain-for-finetune")
-    cfg.mlflow_run_id = tracking.create_run(tracking_uri, cfg.experiment, "pretrain")
-    pretrain_loop(dataclasses.asdict(cfg), session=LocalSession(tmp_path_factory.mktemp("pre")))
-    return cfg.mlflow_run_id
+from echo.trainer import RayOptions
 
 
 def _finetune(synth_small, tracking_uri, tmp_path, **kw) -> tuple[FinetuneConfig, str]:

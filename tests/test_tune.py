@@ -17,25 +17,6 @@ from echo import tracking
 from conftest import REPO, stop_process_group
 
 
-@pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow-tune') / 'mlflow.db'}"
-
-
-@pytest.fixture(scope="module")
-def pretrain_run(synth_small, tracking_uri, tmp_path_factory) -> str:
-    import dataclasses
-
-    from echo.pretrain import PretrainConfig, pretrain_loop
-    from echo.trainer import LocalSession
-
-    cfg = PretrainConfig(manifest=synth_small, backbone="tiny3d", epochs=1, batch_size=8, lr=1e-3, loader_workers=0,
-                         probe_every=0, tracking_uri=tracking_uri, experiment="pretrain-for-tune")
-    cfg.mlflow_run_id = tracking.create_run(tracking_uri, cfg.experiment, "pretrain")
-    pretrain_loop(dataclasses.asdict(cfg), session=LocalSession(tmp_path_factory.mktemp("pre")))
-    return cfg.mlflow_run_id
-
-
 def _args(manifest: str, tracking_uri: str, tmp_path: Path, name: str, **kw) -> list[str]:
     opts = {"manifest": manifest, "backbone": "tiny3d", "epochs": "2", "batch-size": "8", "clip-len": "8",
             "num-samples": "2", "max-concurrent": "2", "cpus-per-trial": "0.5", "n-resamples": "200",
