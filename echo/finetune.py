@@ -10,7 +10,6 @@ split evaluated once with 95% CIs, plots and predictions, and a model bundle in 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import tempfile
@@ -30,13 +29,14 @@ from echo.trainer import (
     Session,
     all_reduce_sum,
     build_optimizer,
-    checkpoint_due,
     fit_tracked,
     lockstep,
     open_tracked_run,
+    optimizer_step,
     progress,
     rank0_logger,
     resume_state,
+    training_state,
 )
 
 __all__ = ["FinetuneConfig", "finetune_loop", "finalize", "finalize_checkpoint", "run_finetune", "resolve_init", "training_rows"]
@@ -209,11 +209,7 @@ def finetune_loop(config: dict[str, Any], session: Session | None = None) -> Non
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = model(clips).float()
             loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            optimizer_step(model, optimizer, loss, cfg.grad_clip)
             step += 1
             sums += [loss.item() * len(clips), len(clips), len(batch.get("skipped", []))]
         lr = optimizer.param_groups[0]["lr"]
@@ -234,15 +230,9 @@ def finetune_loop(config: dict[str, Any], session: Session | None = None) -> Non
             "lr": lr,
             "skipped_videos": skipped,
         }
-        state_out = None
-        if session.rank == 0 and (checkpoint_due(epoch, cfg.epochs, 1)):
-            from echo.checkpoint import rng_state
-
-            state_out = {
-                "model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch": epoch + 1, "step": step, "rng": rng_state(), "best": best, "metrics": metrics,
-                "config": json.dumps(dataclasses.asdict(cfg)),
-            }
+        # Every epoch is checkpointed: the best weights live in the checkpoint.
+        state_out = (training_state(core, optimizer, scheduler, epoch + 1, step, cfg, best=best, metrics=metrics)
+                     if session.rank == 0 else None)
         session.report(metrics, state_out)
         logger.log(metrics, epoch + 1)
         progress(

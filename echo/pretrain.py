@@ -9,7 +9,6 @@ cross-entropy for EchoCLR, and reports once per epoch; rank 0 writes checkpoints
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging
@@ -33,9 +32,11 @@ from echo.trainer import (
     fit_tracked,
     lockstep,
     open_tracked_run,
+    optimizer_step,
     progress,
     rank0_logger,
     resume_state,
+    training_state,
 )
 
 __all__ = ["PretrainConfig", "pretrain_loop", "run_pretrain", "METHODS"]
@@ -177,11 +178,7 @@ def pretrain_loop(config: dict[str, Any], session: Session | None = None) -> Non
                 logits = out["order_logits"].float()
                 loss = loss + cfg.order_weight * frame_order_loss(logits, target)
                 order_acc = (logits.argmax(1) == target).float().mean().detach()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            optimizer_step(model, optimizer, loss, cfg.grad_clip)
             step += 1
             sums += [loss.item(), float(acc), float(order_acc), 2 * len(v1), 1, len(batch.get("skipped", []))]
             mark = time.perf_counter()
@@ -210,7 +207,7 @@ def pretrain_loop(config: dict[str, Any], session: Session | None = None) -> Non
                 metrics["probe_val_auroc"] = probe
         state = None
         if session.rank == 0 and checkpoint_due(epoch, cfg.epochs, cfg.checkpoint_every):
-            state = _state(core, optimizer, scheduler, epoch + 1, step, cfg)
+            state = training_state(core, optimizer, scheduler, epoch + 1, step, cfg)
         session.report(metrics, state)
         logger.log(metrics, epoch + 1)
         progress(
@@ -222,20 +219,6 @@ def pretrain_loop(config: dict[str, Any], session: Session | None = None) -> Non
         )
     if session.rank == 0 and cfg.mlflow_run_id:
         _log_encoder(core, cfg)
-
-
-def _state(model, optimizer, scheduler, epoch: int, step: int, cfg: PretrainConfig) -> dict[str, Any]:
-    from echo.checkpoint import rng_state
-
-    return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": epoch,
-        "step": step,
-        "rng": rng_state(),
-        "config": json.dumps(dataclasses.asdict(cfg)),
-    }
 
 
 ENCODER_ARTIFACT = "encoder"

@@ -43,6 +43,8 @@ __all__ = [
     "checkpoint_due",
     "new_run_name",
     "resume_state",
+    "training_state",
+    "optimizer_step",
     "rank0_logger",
     "open_tracked_run",
     "fit_tracked",
@@ -362,6 +364,36 @@ def resume_state(
     scheduler.load_state_dict(state["scheduler"])
     ckpt.set_rng_state(state["rng"])
     return int(state["epoch"]), int(state["step"]), state
+
+
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, step: int, config: Any,
+                   **extra: Any) -> dict[str, Any]:
+    """The checkpoint state that ``resume_state`` restores: weights, optimizer, schedule,
+    completed epochs, global step, RNG states and the config (a dataclass, as JSON), plus ``extra``."""
+    import dataclasses
+    import json
+
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "rng": ckpt.rng_state(),
+        "config": json.dumps(dataclasses.asdict(config)),
+        **extra,
+    }
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                   grad_clip: float) -> None:
+    """Backward, optional gradient-norm clipping (``grad_clip`` > 0), and one optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
 
 
 class _EpochLogger:

@@ -13,7 +13,6 @@ repeating finished trials.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re

@@ -55,6 +55,23 @@ def wait_for_port(port: int, timeout: float = 60.0, proc: subprocess.Popen | Non
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
+def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    """Wait until ``GET url`` answers 200; fail with the tail of ``log`` if ``proc`` dies or time runs out."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not become ready:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.5)
+
+
 def stop_process_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     """Stop a process started with ``start_new_session=True`` and everything in its group."""
     if proc.poll() is not None:
@@ -167,20 +184,9 @@ def mlflow_server(s3_server, tmp_path_factory):
             cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
-        import urllib.request
-
         url = f"http://127.0.0.1:{port}"
         wait_for_port(port, timeout=180, proc=proc)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"mlflow server not healthy; see {log_path}") from None
-                time.sleep(0.5)
+        wait_for_http(f"{url}/health", proc, log_path, timeout=60)
         yield types.SimpleNamespace(url=url, bucket=bucket, log=log_path, db=root / "mlflow.db",
                                     fake_keys=MLFLOW_SERVER_FAKE_KEYS)
     finally:

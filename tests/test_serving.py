@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -18,7 +17,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import free_port, stop_process_group, wait_for_port
+from conftest import free_port, stop_process_group, wait_for_http, wait_for_port
 
 import echo
 from echo import registry, storage
@@ -62,20 +61,6 @@ def _post(url: str, uris: list[str]) -> tuple[int, dict]:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"mlflow models serve did not become ready:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
 
 
 def test_models_serve_matches_predict(mlflow_server, s3_bucket, tmp_path, monkeypatch):
@@ -137,7 +122,7 @@ def test_models_serve_matches_predict(mlflow_server, s3_bucket, tmp_path, monkey
 
         url = f"http://127.0.0.1:{port}"
         wait_for_port(port, timeout=180, proc=serve)
-        _wait_ready(url, serve, log)
+        wait_for_http(f"{url}/ping", serve, log)
         status, answer = _post(url, uris)
         assert status == 200, answer
         served = answer["predictions"]
