@@ -14,6 +14,10 @@ CPU time is not counted, as a real object store's would not be).
 - ours from local files, and ours over S3 with the byte cache warm (later epochs), to show
   what S3 costs.
 
+Both arms read objects with ``echo.storage.read_bytes`` (``echo.s3http``: presigned GETs on
+kept-alive connections; moto's server closes every connection, so here each GET also opens
+one). The script also prints the CPU cost of one GET that way against boto3's ``get_object``.
+
 For 4-frame MI-SimCLR pairs (two videos of a study per pair) and 16-frame fine-tuning clips.
 Prints clips per CPU-second (process CPU time) for each, then, as the last line, the ratio
 ours/reference.
@@ -179,6 +183,28 @@ def ours(dataset, clips_per_sample: int, batch_size: int = 16) -> Iterator[int]:
 # ---------------------------------------------------------------------------- measure
 
 
+def get_cost(rows: pd.DataFrame, rounds: int = 3) -> dict[str, float]:
+    """CPU milliseconds per object GET: boto3's ``get_object`` against ``storage.read_bytes``."""
+    client = storage.s3_client()
+    paths = [storage.split_s3(uri) for uri in rows.video_uri]
+
+    def boto3_get() -> None:
+        for bucket, key in paths:
+            client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    def ours_get() -> None:
+        for uri in rows.video_uri:
+            storage.read_bytes(uri)
+
+    cost = {"boto3 get_object": 0.0, "echo.storage.read_bytes": 0.0}
+    for _ in range(rounds):
+        for name, read in zip(cost, (boto3_get, ours_get)):
+            start = time.process_time()
+            read()
+            cost[name] += (time.process_time() - start) * 1e3 / (len(paths) * rounds)
+    return cost
+
+
 def measure(arms: dict[str, Iterator[int]], samples: dict[str, int], rounds: int) -> dict[str, float]:
     """Clips per CPU-second (process time) of each arm, run in interleaved rounds so that
     every arm meets the same machine load."""
@@ -238,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 next(it)
         samples = {name: a.pairs * 2 if name.startswith("4") else a.clips for name in arms}
         rate = measure(arms, samples, a.rounds)
+        gets = get_cost(remote)
 
         frames = local.n_frames.to_numpy()
         print(
@@ -251,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         for name, value in rate.items():
             print(f"{name:<34} {value:8.1f} clips per CPU-second")
+        sizes = local.video_uri.map(lambda uri: os.path.getsize(uri))
+        print(
+            f"one GET of a {sizes.mean() / 1e3:.0f} KB video: "
+            + ", ".join(f"{name} {ms:.2f} ms CPU" for name, ms in gets.items())
+            + f" ({gets['boto3 get_object'] / gets['echo.storage.read_bytes']:.1f}x less)"
+        )
         kinds = ("4-frame", "16-frame")
         s3_local = [rate[f"{k}, ours, S3"] / rate[f"{k}, ours, local"] for k in kinds]
         cached = [rate[f"{k}, ours, S3 + byte cache"] / rate[f"{k}, ours, local"] for k in kinds]

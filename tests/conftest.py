@@ -55,14 +55,21 @@ def wait_for_port(port: int, timeout: float = 60.0, proc: subprocess.Popen | Non
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
-def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    """Wait until ``GET url`` answers 200; fail with the tail of ``log`` if ``proc`` dies or time runs out."""
+def open_loopback(request, timeout: float):
+    """``urllib.request.urlopen`` for a server on 127.0.0.1, never through a proxy: urlopen's
+    shared opener keeps the proxies of the environment it was first built in (a test that points
+    ``HTTPS_PROXY`` at a closed port to stop downloads would otherwise break every later call)."""
     import urllib.request
 
+    return urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=timeout)
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    """Wait until ``GET url`` answers 200; fail with the tail of ``log`` if ``proc`` dies or time runs out."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with urllib.request.urlopen(url, timeout=5) as r:
+            with open_loopback(url, timeout=5) as r:
                 if r.status == 200:
                     return
         except OSError:

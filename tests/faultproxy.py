@@ -3,12 +3,19 @@
 Every ``every``-th GET of an object (``/bucket/key``, path-style) meets the next fault of
 ``faults``, in turn:
 
-- ``500`` / ``503``: an S3 error answer (``InternalError`` / ``SlowDown``) instead of the object;
+- ``500`` / ``503`` / ``403``: an S3 error answer (``InternalError`` / ``SlowDown`` /
+  ``AccessDenied``) instead of the object;
+- ``region``: S3's answer to a request signed for the wrong region (400, with the bucket's
+  region in ``x-amz-bucket-region``);
 - ``reset``: the connection is reset (RST) before any answer;
 - ``slow``: the answer comes after ``delay`` seconds;
 - ``truncate``: the headers promise the whole object, half the body arrives, then a reset.
 
-Everything else is forwarded untouched. ``GET /__faultproxy__/stats`` answers JSON counters.
+Everything else is forwarded untouched, to the upstream whatever the request names: it also
+serves as a forward proxy (absolute-form targets, ``HTTP_PROXY``) and tunnels ``CONNECT``
+requests to 127.0.0.1 (``HTTPS_PROXY``). ``GET /__faultproxy__/stats`` answers JSON counters:
+requests, object GETs, injected faults, client connections, tunnels, absolute-form requests
+and the ``Proxy-Authorization`` values seen.
 Run as a script (``python faultproxy.py --upstream URL --port N ...``); ``FaultProxy`` starts
 and stops it from a test.
 """
@@ -24,12 +31,18 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
-FAULTS = ("500", "503", "reset", "slow", "truncate")
-_ERRORS = {"500": ("InternalError", "We encountered an internal error."), "503": ("SlowDown", "Please reduce your request rate.")}
+TRANSIENT = ("500", "503", "reset", "slow", "truncate")  # a client that retries gets every object
+FAULTS = TRANSIENT + ("403", "region")
+_ERRORS = {  # fault: (status, S3 error code, message)
+    "500": (500, "InternalError", "We encountered an internal error."),
+    "503": (503, "SlowDown", "Please reduce your request rate."),
+    "403": (403, "AccessDenied", "Access Denied"),
+    "region": (400, "AuthorizationHeaderMalformed", "The authorization header is malformed; the region is wrong."),
+}
+OTHER_REGION = "eu-west-3"  # where the "region" fault says the bucket is
 
 
 class _State:
@@ -41,6 +54,29 @@ class _State:
         self.requests = 0
         self.object_gets = 0
         self.injected = {f: 0 for f in faults}
+        self.connections = 0
+        self.tunnels = 0
+        self.absolute_form = 0
+        self.proxy_authorizations: set[str] = set()
+
+    def count(self, name: str, value: str | None = None) -> None:
+        with self.lock:
+            if name == "proxy_authorizations":
+                self.proxy_authorizations.add(value)
+            else:
+                setattr(self, name, getattr(self, name) + 1)
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {
+                "requests": self.requests,
+                "object_gets": self.object_gets,
+                "injected": dict(self.injected),
+                "connections": self.connections,
+                "tunnels": self.tunnels,
+                "absolute_form": self.absolute_form,
+                "proxy_authorizations": sorted(self.proxy_authorizations),
+            }
 
     def fault_for(self, method: str, path: str) -> str | None:
         bucket_and_key = urlparse(path).path.lstrip("/").split("/", 1)
@@ -64,6 +100,10 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
+    def setup(self) -> None:
+        super().setup()
+        self.state.count("connections")
+
     def _body(self) -> bytes | None:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             chunks = []
@@ -85,22 +125,28 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         if self.path == "/__faultproxy__/stats":
-            data = json.dumps(
-                {"requests": self.state.requests, "object_gets": self.state.object_gets, "injected": self.state.injected}
-            ).encode()
+            data = json.dumps(self.state.snapshot()).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
             return
+        if self.headers.get("Proxy-Authorization"):
+            self.state.count("proxy_authorizations", self.headers["Proxy-Authorization"])
+        target = urlparse(self.path)
+        if target.scheme:  # absolute form, as a forward proxy receives it
+            self.state.count("absolute_form")
+            self.path = target.path + (f"?{target.query}" if target.query else "")
         body = self._body()
         fault = self.state.fault_for(self.command, self.path)
         if fault in _ERRORS:
-            code, message = _ERRORS[fault]
+            status, code, message = _ERRORS[fault]
             data = f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message></Error>'.encode()
-            self.send_response(int(fault))
+            self.send_response(status)
             self.send_header("Content-Type", "application/xml")
+            if fault == "region":
+                self.send_header("x-amz-bucket-region", OTHER_REGION)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
@@ -137,6 +183,38 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
+    def do_CONNECT(self) -> None:
+        """A tunnel to ``host:port`` on 127.0.0.1, bytes copied both ways until either side closes."""
+        host, _, port = self.path.rpartition(":")
+        if host != "127.0.0.1" or not port.isdigit():
+            self.send_error(403, "tunnels only to 127.0.0.1")
+            return
+        self.state.count("tunnels")
+        upstream = socket.create_connection((host, int(port)), timeout=60)
+        self.send_response(200, "Connection established")
+        self.end_headers()
+        self.wfile.flush()
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for sock in (src, dst):
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        other = threading.Thread(target=pump, args=(upstream, self.connection), daemon=True)
+        other.start()
+        pump(self.connection, upstream)
+        other.join()
+        upstream.close()
+        self.close_connection = True
+
 
 def serve(upstream: str, port: int, every: int, faults: list[str], delay: float) -> None:
     handler = type("Handler", (_Handler,), {"state": _State(upstream, every, faults, delay)})
@@ -148,10 +226,12 @@ def serve(upstream: str, port: int, every: int, faults: list[str], delay: float)
 class FaultProxy:
     """The proxy in its own process; ``url`` is its endpoint, ``stats()`` its counters."""
 
-    def __init__(self, upstream: str, every: int = 2, faults: tuple[str, ...] = FAULTS, delay: float = 0.5):
+    def __init__(
+        self, upstream: str, every: int = 2, faults: tuple[str, ...] = TRANSIENT, delay: float = 0.5, port: int | None = None
+    ):
         from conftest import free_port, wait_for_port
 
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--upstream", upstream, "--port", str(self.port), "--every", str(every),
@@ -161,7 +241,9 @@ class FaultProxy:
         wait_for_port(self.port, proc=self.proc)
 
     def stats(self) -> dict:
-        with urllib.request.urlopen(f"{self.url}/__faultproxy__/stats", timeout=10) as r:
+        from conftest import open_loopback
+
+        with open_loopback(f"{self.url}/__faultproxy__/stats", timeout=10) as r:
             return json.loads(r.read())
 
     def stop(self) -> None:
@@ -181,7 +263,7 @@ if __name__ == "__main__":
     p.add_argument("--upstream", required=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--every", type=int, default=2)
-    p.add_argument("--faults", default=",".join(FAULTS))
+    p.add_argument("--faults", default=",".join(TRANSIENT))
     p.add_argument("--delay", type=float, default=0.5)
     a = p.parse_args()
     faults = [f for f in a.faults.split(",") if f]

@@ -21,13 +21,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, stop_process_group, wait_for_port
+from conftest import REPO, free_port, open_loopback, stop_process_group, wait_for_port
 
 __all__ = ["LocalRayCluster", "RayNode", "ray_env", "tail", "synth_to_s3", "checkpoint_keys", "registered_checkpoints",
            "pretrain_run"]
@@ -136,7 +135,7 @@ class LocalRayCluster:
 
     def alive_nodes(self) -> list[dict]:
         """The dashboard's list of alive nodes (state API over HTTP: no Ray client in this process)."""
-        with urllib.request.urlopen(f"{self.dashboard_url}/api/v0/nodes?limit=100&detail=1", timeout=10) as r:
+        with open_loopback(f"{self.dashboard_url}/api/v0/nodes?limit=100&detail=1", timeout=10) as r:
             rows = json.load(r)["data"]["result"]["result"]
         return [n for n in rows if n["state"] == "ALIVE"]
 

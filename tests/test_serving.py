@@ -17,7 +17,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import free_port, stop_process_group, wait_for_http, wait_for_port
+from conftest import free_port, open_loopback, stop_process_group, wait_for_http, wait_for_port
 
 import echo
 from echo import registry, storage
@@ -57,7 +57,7 @@ def _post(url: str, uris: list[str]) -> tuple[int, dict]:
     body = json.dumps({"dataframe_split": {"columns": ["video_uri"], "data": [[u] for u in uris]}}).encode()
     request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=120) as r:
+        with open_loopback(request, timeout=120) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -138,7 +138,7 @@ def test_models_serve_matches_predict(mlflow_server, s3_bucket, tmp_path, monkey
         body = json.dumps({"dataframe_split": {"columns": ["path"], "data": [[local[0]]]}}).encode()
         request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(request, timeout=60)
+            open_loopback(request, timeout=60)
         assert refused.value.code == 400
     finally:
         stop_process_group(serve)
