@@ -13,9 +13,10 @@ import copy
 import json
 import logging
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -39,7 +40,16 @@ from echo.trainer import (
     training_state,
 )
 
-__all__ = ["FinetuneConfig", "finetune_loop", "finalize", "finalize_checkpoint", "run_finetune", "resolve_init", "training_rows"]
+__all__ = [
+    "FinetuneConfig",
+    "finetune_loop",
+    "finalize",
+    "finalize_checkpoint",
+    "run_finetune",
+    "pretrain_run_id",
+    "resolve_init",
+    "training_rows",
+]
 
 log = logging.getLogger(__name__)
 
@@ -100,29 +110,37 @@ class FinetuneConfig:
         return "kinetics" if self.init == "kinetics" else "minmax"
 
 
-def resolve_init(init: str, tracking_uri: str | None) -> tuple[str, str | None]:
-    """``(init for the model builder, pretraining run ID or None)``.
+def pretrain_run_id(init: str) -> str | None:
+    """The pretraining run of an ``--init runs:/<id>``; None for ``random``, ``kinetics`` or a file."""
+    return init[len("runs:/"):].strip("/").split("/")[0] if init.startswith("runs:/") else None
 
-    ``runs:/<id>`` downloads that pretraining run's ``encoder/encoder.pt`` (checking the
-    SHA-256 recorded beside it) and returns the local path.
+
+@contextmanager
+def resolve_init(init: str, tracking_uri: str | None) -> Iterator[str]:
+    """The init for the model builder, valid inside the ``with`` block.
+
+    ``runs:/<id>`` downloads that pretraining run's ``encoder/encoder.pt`` into a temporary
+    folder (removed on leaving the block), checks the SHA-256 recorded beside it and gives
+    its path; any other init is given as it is.
     """
-    if not init.startswith("runs:/"):
-        return init, None
+    run_id = pretrain_run_id(init)
+    if run_id is None:
+        yield init
+        return
     import hashlib
 
-    run_id = init[len("runs:/"):].strip("/").split("/")[0]
     c = tracking.client(tracking.resolve_tracking_uri(tracking_uri))
-    folder = tempfile.mkdtemp(prefix="echo-init-")
-    try:
-        local = c.download_artifacts(run_id, "encoder", folder)
-    except Exception as e:
-        raise ValueError(f"--init {init}: the run has no encoder artifact ({e})") from None
-    weights = Path(local) / "encoder.pt"
-    meta = json.loads((Path(local) / "encoder.json").read_text())
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    if digest != meta["sha256"]:
-        raise ValueError(f"--init {init}: encoder.pt SHA-256 {digest[:12]} does not match encoder.json")
-    return str(weights), run_id
+    with tempfile.TemporaryDirectory(prefix="echo-init-") as folder:
+        try:
+            local = c.download_artifacts(run_id, "encoder", folder)
+        except Exception as e:
+            raise ValueError(f"--init {init}: the run has no encoder artifact ({e})") from None
+        weights = Path(local) / "encoder.pt"
+        meta = json.loads((Path(local) / "encoder.json").read_text())
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+        if digest != meta["sha256"]:
+            raise ValueError(f"--init {init}: encoder.pt SHA-256 {digest[:12]} does not match encoder.json")
+        yield str(weights)
 
 
 def training_rows(manifest, label_fraction: float, subset_seed: int) -> tuple[pd.DataFrame, list[str]]:
@@ -137,11 +155,11 @@ def training_rows(manifest, label_fraction: float, subset_seed: int) -> tuple[pd
 def _build_model(cfg: FinetuneConfig):
     from echo.models import ASClassifier
 
-    init, _ = resolve_init(cfg.init, cfg.tracking_uri)
-    backbone_init = init if init in ("random", "kinetics") else "random"
-    model = ASClassifier(cfg.backbone, dropout=cfg.dropout, normalization=cfg.normalization, init=backbone_init)
-    if backbone_init == "random" and init != "random":
-        model.load_encoder(init)
+    with resolve_init(cfg.init, cfg.tracking_uri) as init:
+        backbone_init = init if init in ("random", "kinetics") else "random"
+        model = ASClassifier(cfg.backbone, dropout=cfg.dropout, normalization=cfg.normalization, init=backbone_init)
+        if backbone_init == "random" and init != "random":
+            model.load_encoder(init)
     return model
 
 
@@ -248,8 +266,17 @@ def finalize(model, cfg: FinetuneConfig, manifest, device: torch.device, best_ep
 
     Thresholds come from the validation split; the test split (when ``cfg.evaluate_test``)
     is evaluated once. Logs metrics with CIs, plots, predictions, the subset's salted patient
-    hashes, and the model bundle. Returns the metrics.
+    hashes, and the model bundle. The files are also kept in ``out_dir`` when given (else
+    written to a temporary folder, removed once logged). Returns the metrics.
     """
+    if out_dir:
+        return _finalize_in(Path(out_dir), model, cfg, manifest, device, best_epoch)
+    with tempfile.TemporaryDirectory(prefix="echo-eval-") as folder:
+        return _finalize_in(Path(folder), model, cfg, manifest, device, best_epoch)
+
+
+def _finalize_in(folder: Path, model, cfg: FinetuneConfig, manifest, device: torch.device,
+                 best_epoch: int) -> dict[str, float]:
     import mlflow
 
     from echo.bundle import save_bundle
@@ -274,7 +301,6 @@ def finalize(model, cfg: FinetuneConfig, manifest, device: torch.device, best_ep
     report["n_train_studies"] = float(train["study_id"].nunique())
     report["n_train_videos"] = float(len(train))
     report["best_epoch"] = float(best_epoch)
-    folder = Path(out_dir or tempfile.mkdtemp(prefix="echo-eval-"))
     files = []
     if cfg.evaluate_test:
         test_videos = videos_of("test")
@@ -288,13 +314,12 @@ def finalize(model, cfg: FinetuneConfig, manifest, device: torch.device, best_ep
                                   "salt": salt, "patient_hashes": hashes}, indent=1))
     files.append(subset)
     log_evaluation(tracking_uri, cfg.mlflow_run_id, report, files)
-    _, pretrain_run = resolve_init(cfg.init, cfg.tracking_uri) if cfg.init.startswith("runs:/") else (None, None)
     first = manifest.split("val")["video_uri"].iloc[0]
     info = probe(storage.read_bytes(first), first)
     meta = {
         "frame_size": [info.height, info.width],
         "label_fraction": cfg.label_fraction, "subset_seed": cfg.subset_seed, "init": cfg.init,
-        "pretrain_run_id": pretrain_run, "backbone": cfg.backbone, "clip_len": cfg.clip_len,
+        "pretrain_run_id": pretrain_run_id(cfg.init), "backbone": cfg.backbone, "clip_len": cfg.clip_len,
         "num_clips": cfg.eval_clips, "stride": cfg.stride,
         "threshold": min(1.0, thresholds.youden), "threshold_sens90": min(1.0, thresholds.sens90),
         "manifest_sha256": manifest.sha256, "run_id": cfg.mlflow_run_id,

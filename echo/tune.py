@@ -235,7 +235,8 @@ def run_search(cfg: TuneConfig, resume: bool = False, ray_address: str | None = 
     cfg.name = cfg.name or new_run_name("search")
     for init in cfg.inits:
         if init not in ("random", "kinetics"):
-            resolve_init(init, cfg.tracking_uri)  # a bad pretraining run fails now, not in every trial
+            with resolve_init(init, cfg.tracking_uri):  # a bad pretraining run fails now, not in every trial
+                pass
     parent = tracking.find_run(cfg.tracking_uri, cfg.experiment, "echo.search_name", cfg.name) if resume else None
     if parent is None:
         parent = tracking.create_run(cfg.tracking_uri, cfg.experiment, cfg.name,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from echo import tracking
-from echo.finetune import FinetuneConfig, run_finetune
+from echo.finetune import FinetuneConfig, pretrain_run_id, resolve_init, run_finetune
 from echo.trainer import RayOptions
 
 
@@ -20,9 +21,14 @@ def _finetune(synth_small, tracking_uri, tmp_path, **kw) -> tuple[FinetuneConfig
 
 
 def test_finetune_from_pretraining_run_records_metrics_intervals_plots_and_model(
-        ray_cluster, synth_small, tracking_uri, pretrain_run, tmp_path, capsys):
+        ray_cluster, synth_small, tracking_uri, pretrain_run, tmp_path, capsys, monkeypatch):
+    driver_tmp = tmp_path / "driver-tmp"
+    driver_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(driver_tmp))
     cfg, run_id = _finetune(synth_small, tracking_uri, tmp_path, init=f"runs:/{pretrain_run}", label_fraction=0.5,
                             seed=1)
+    # the driver's downloaded encoder and evaluation files are gone once logged
+    assert not list(driver_tmp.glob("echo-*"))
     out = capsys.readouterr().out
     assert "test AUROC" in out and "95% CI" in out
     c = tracking.client(tracking_uri)
@@ -50,6 +56,18 @@ def test_finetune_from_pretraining_run_records_metrics_intervals_plots_and_model
 
     model = echo.load_model(f"runs:/{run_id}/model", tracking_uri=tracking_uri)
     assert model.meta["pretrain_run_id"] == pretrain_run and model.meta["label_fraction"] == 0.5
+
+
+def test_a_pretraining_runs_encoder_is_fetched_for_the_block_only(pretrain_run, tracking_uri) -> None:
+    with resolve_init(f"runs:/{pretrain_run}", tracking_uri) as path:
+        assert Path(path).name == "encoder.pt" and Path(path).stat().st_size > 0
+    assert not Path(path).parent.exists()
+    with resolve_init("random", tracking_uri) as init:
+        assert init == "random"
+    assert pretrain_run_id(f"runs:/{pretrain_run}/") == pretrain_run and pretrain_run_id("kinetics") is None
+    with pytest.raises(ValueError, match="no encoder artifact"):
+        with resolve_init("runs:/0123456789abcdef0123456789abcdef", tracking_uri):
+            pass
 
 
 def test_finetune_from_random_then_evaluate_with_saliency(ray_cluster, synth_small, tracking_uri, tmp_path, capsys):
