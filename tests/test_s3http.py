@@ -106,6 +106,19 @@ def test_transport_faults_are_retried_until_the_attempts_run_out(s3_server, obje
         assert proxy.stats()["object_gets"] == 2
 
 
+def test_an_answer_slower_than_the_read_timeout_is_abandoned_and_retried(s3_server, objects, monkeypatch) -> None:
+    uri, data = next(iter(objects.items()))
+    monkeypatch.setattr(s3http, "READ_TIMEOUT_S", 0.5)
+    with FaultProxy(s3_server, every=2, faults=("slow",), delay=5.0) as proxy:
+        monkeypatch.setenv("ECHO_SSL_S3_ENDPOINT", proxy.url)
+        assert storage.read_bytes(uri) == data
+        started = time.monotonic()
+        assert storage.read_bytes(uri) == data  # the 2nd GET hangs; the 3rd answers
+        elapsed = time.monotonic() - started
+        assert proxy.stats()["object_gets"] == 3
+    assert 0.5 <= elapsed < 3
+
+
 @pytest.mark.parametrize(
     "fault, message",
     [("403", r"HTTP 403 AccessDenied$"), ("region", rf"HTTP 400 AuthorizationHeaderMalformed \(the bucket is in {OTHER_REGION}: set AWS_DEFAULT_REGION={OTHER_REGION}\)$")],
