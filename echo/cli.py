@@ -34,8 +34,20 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
 ]
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], argparse.ArgumentParser]]:
-    """The top-level parser and each leaf command's parser, keyed by its words."""
+def _leaf_words(argv: Sequence[str]) -> tuple[str, ...] | None:
+    """The words of the leaf command ``argv`` starts with, or None."""
+    return max((words for words, _, _ in COMMANDS if tuple(argv[: len(words)]) == words), key=len, default=None)
+
+
+def build_parser(
+    only: tuple[str, ...] | None = None,
+) -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], argparse.ArgumentParser]]:
+    """The top-level parser and each leaf command's parser, keyed by its words.
+
+    With ``only``, just that leaf gets its options (its module is imported; the others are
+    listed with their help), so ``echo-ssl --help`` or ``echo-ssl synth`` does not import
+    torch and Ray for commands it will not run; ``only=()`` builds no leaf's options.
+    """
     from echo import __version__
 
     parser = argparse.ArgumentParser(
@@ -55,6 +67,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[tuple[str, ...], argpa
                     dest=f"command_{depth}", metavar="COMMAND", required=True
                 )
         leaf = groups[words[:-1]].add_parser(words[-1], help=help_text.replace("%", "%%"), description=help_text)
+        if only is not None and words != only:
+            continue
         leaf.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (local or s3://); flags override it")
         module = importlib.import_module(f"echo.commands.{module_name}")
         module.add_arguments(leaf)
@@ -74,10 +88,10 @@ def _config_path(argv: list[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    parser, leaves = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    words = _leaf_words(argv)
+    parser, leaves = build_parser(only=words or ())
     config = _config_path(argv)
-    words = max((w for w in leaves if tuple(argv[: len(w)]) == w), key=len, default=None)
     if config and words:
         # The file is applied before parsing, so it can also supply options that are required.
         try:

@@ -33,6 +33,18 @@ def test_console_script_help_lists_every_command() -> None:
             assert " ".join(help_text.split()[:4]) in " ".join(listed.split()), words
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["synth", "--help"], ["models", "pull", "--help"], ["predict", "--help"]])
+def test_help_and_light_commands_do_not_import_torch_or_ray(argv: list[str]) -> None:
+    code = (
+        "import sys\nfrom echo.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert "usage: echo-ssl" in done.stdout
+
+
 def _help(argv: list[str]) -> str:
     parser, _ = build_parser()
     out = io.StringIO()
