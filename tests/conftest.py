@@ -94,18 +94,28 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
         proc.wait(timeout=timeout)
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """URL of a moto S3 server on 127.0.0.1 (its own process), with AWS_ENDPOINT_URL set."""
+def start_moto(*options: str) -> tuple[subprocess.Popen, int]:
+    """A moto S3 server on 127.0.0.1 in its own process group, listening: ``(process, port)``."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port), *options],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     try:
         wait_for_port(port, proc=proc)
+    except BaseException:
+        stop_process_group(proc)
+        raise
+    return proc, port
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """URL of a moto S3 server on 127.0.0.1 (its own process), with AWS_ENDPOINT_URL set."""
+    proc, port = start_moto()
+    try:
         url = f"http://127.0.0.1:{port}"
         old = os.environ.get("AWS_ENDPOINT_URL")
         os.environ["AWS_ENDPOINT_URL"] = url

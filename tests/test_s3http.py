@@ -7,8 +7,6 @@ from __future__ import annotations
 import base64
 import datetime
 import ipaddress
-import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
@@ -18,7 +16,7 @@ import pytest
 from botocore.config import Config
 from botocore.credentials import Credentials
 
-from conftest import free_port, stop_process_group, wait_for_port
+from conftest import free_port, start_moto, stop_process_group
 from echo import s3http, storage
 from faultproxy import OTHER_REGION, FaultProxy
 
@@ -186,15 +184,8 @@ def _self_signed(folder: Path, name: str) -> tuple[Path, Path]:
 def tls_s3(tmp_path, monkeypatch):
     """A moto server speaking TLS on 127.0.0.1 with its own CA; ``(endpoint URL, CA file)``."""
     cert, key = _self_signed(tmp_path, "moto-tls")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port), "--ssl-cert", str(cert), "--ssl-key", str(key)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc, port = start_moto("--ssl-cert", str(cert), "--ssl-key", str(key))
     try:
-        wait_for_port(port, proc=proc)
         _no_proxy_variables(monkeypatch)
         monkeypatch.setenv("ECHO_SSL_S3_ENDPOINT", f"https://127.0.0.1:{port}")
         monkeypatch.setenv("AWS_CA_BUNDLE", str(cert))
