@@ -139,7 +139,7 @@ def encode_mp4(frames: np.ndarray, fps: float, keyframe_interval: int = KEYFRAME
         stream.codec_context.gop_size = keyframe_interval
         stream.codec_context.max_b_frames = 0
         stream.codec_context.thread_count = 1  # x264's threaded output varied under load (seen in CI)
-        asm = f":asm={_x264_asm()}" if _x264_asm() else ""
+        asm = f":asm={asm}" if (asm := _x264_asm()) else ""
         stream.options = {
             "crf": str(crf),
             "preset": "veryfast",

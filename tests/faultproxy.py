@@ -59,12 +59,13 @@ class _State:
         self.absolute_form = 0
         self.proxy_authorizations: set[str] = set()
 
-    def count(self, name: str, value: str | None = None) -> None:
+    def count(self, name: str) -> None:
         with self.lock:
-            if name == "proxy_authorizations":
-                self.proxy_authorizations.add(value)
-            else:
-                setattr(self, name, getattr(self, name) + 1)
+            setattr(self, name, getattr(self, name) + 1)
+
+    def saw_proxy_authorization(self, value: str) -> None:
+        with self.lock:
+            self.proxy_authorizations.add(value)
 
     def snapshot(self) -> dict:
         with self.lock:
@@ -133,7 +134,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
             return
         if self.headers.get("Proxy-Authorization"):
-            self.state.count("proxy_authorizations", self.headers["Proxy-Authorization"])
+            self.state.saw_proxy_authorization(self.headers["Proxy-Authorization"])
         target = urlparse(self.path)
         if target.scheme:  # absolute form, as a forward proxy receives it
             self.state.count("absolute_form")
