@@ -1,8 +1,8 @@
-"""Benchmark: stratified-bootstrap AUROC CI, vectorised (echo.metrics) vs a loop of sklearn calls.
+"""Benchmark: stratified-bootstrap AUROC CI, vectorised (echo.evaluation.metrics) vs a loop of sklearn calls.
 
 Synthetic, seeded study-level scores (default 10,000 studies, 20% positive, continuous scores so
 every score is distinct: the most bins, the hardest case for the vectorised path). Both sides use
-the very same resamples (``echo.metrics.stratified_bootstrap_indices`` replays the draws of
+the very same resamples (``echo.evaluation.metrics.stratified_bootstrap_indices`` replays the draws of
 ``bootstrap_distribution``), so they must produce the same numbers; the script checks every
 resampled AUROC to 1e-9 before reporting.
 
@@ -25,7 +25,7 @@ import time
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from echo.metrics import (
+from echo.evaluation.metrics import (
     bootstrap_auroc_ci,
     bootstrap_distribution,
     delong_ci,

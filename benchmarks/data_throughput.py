@@ -1,6 +1,6 @@
 """Clip throughput per CPU-second: the published reference approach against this pipeline.
 
-Runs on one synthetic corpus (``echo.synth``: 112 x 112 H.264, a keyframe every 8 frames)
+Runs on one synthetic corpus (``echo.ingest.synth``: 112 x 112 H.264, a keyframe every 8 frames)
 served by a moto S3 server on 127.0.0.1 that this script starts, in one process pinned to
 one core with one torch thread (the S3 server runs on another core when there is one; its
 CPU time is not counted, as a real object store's would not be).
@@ -9,12 +9,12 @@ CPU time is not counted, as a real object store's would not be).
   them to a temporary file, decode the whole video to 3-channel BGR frames (PyAV full decode,
   standing in for OpenCV's ``VideoCapture``, which is not installed here), slice the clip,
   zero-pad 8 + random crop, flip, ``scipy.ndimage.rotate`` of every (H, W, 3) frame, min-max;
-- ours: ``echo.dataset`` through ``echo.loader.VideoLoader`` (in process): bytes into memory,
+- ours: ``echo.data.dataset`` through ``echo.data.loader.VideoLoader`` (in process): bytes into memory,
   decord decodes only the clip's frames, one single-channel affine warp per clip, min-max;
 - ours from local files, and ours over S3 with the byte cache warm (later epochs), to show
   what S3 costs.
 
-Both arms read objects with ``echo.storage.read_bytes`` (``echo.s3http``: presigned GETs on
+Both arms read objects with ``echo.data.storage.read_bytes`` (``echo.data.s3http``: presigned GETs on
 kept-alive connections; moto's server closes every connection, so here each GET also opens
 one). The script also prints the CPU cost of one GET that way against boto3's ``get_object``.
 
@@ -43,11 +43,11 @@ import pandas as pd
 import scipy.ndimage as ndi
 import torch
 
-from echo import storage
-from echo.clips import minmax, train_clip_indices
-from echo.dataset import LabelledClipDataset, SSLClipDataset
-from echo.loader import VideoLoader
-from echo.manifest import load_manifest
+from echo.data import storage
+from echo.data.clips import minmax, train_clip_indices
+from echo.data.dataset import LabelledClipDataset, SSLClipDataset
+from echo.data.loader import VideoLoader
+from echo.data.manifest import load_manifest
 
 PAD, MAX_ANGLE = 8, 10
 
@@ -92,7 +92,7 @@ def corpus(folder: Path, patients: int, seed: int) -> pd.DataFrame:
     """Manifest rows of a synthetic corpus under ``folder`` (made once, then reused)."""
     manifest = folder / "manifest.csv"
     if not manifest.exists():
-        from echo.synth import synthesize
+        from echo.ingest.synth import synthesize
 
         synthesize(str(folder), patients=patients, seed=seed, workers=min(2, os.cpu_count() or 1))
     return load_manifest(str(manifest)).table
@@ -196,7 +196,7 @@ def get_cost(rows: pd.DataFrame, rounds: int = 3) -> dict[str, float]:
         for uri in rows.video_uri:
             storage.read_bytes(uri)
 
-    cost = {"boto3 get_object": 0.0, "echo.storage.read_bytes": 0.0}
+    cost = {"boto3 get_object": 0.0, "echo.data.storage.read_bytes": 0.0}
     for _ in range(rounds):
         for name, read in zip(cost, (boto3_get, ours_get)):
             start = time.process_time()
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
         frames = local.n_frames.to_numpy()
         print(
-            f"corpus: {len(local)} synthetic videos (echo.synth), 112x112, {int(frames.min())}-{int(frames.max())} frames, "
+            f"corpus: {len(local)} synthetic videos (echo.ingest.synth), 112x112, {int(frames.min())}-{int(frames.max())} frames, "
             f"keyframe every 8; moto S3 on {url}; this process pinned to CPU {me}, 1 torch thread; "
             f"{a.rounds} interleaved rounds"
         )
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"one GET of a {sizes.mean() / 1e3:.0f} KB video: "
             + ", ".join(f"{name} {ms:.2f} ms CPU" for name, ms in gets.items())
-            + f" ({gets['boto3 get_object'] / gets['echo.storage.read_bytes']:.1f}x less)"
+            + f" ({gets['boto3 get_object'] / gets['echo.data.storage.read_bytes']:.1f}x less)"
         )
         kinds = ("4-frame", "16-frame")
         s3_local = [rate[f"{k}, ours, S3"] / rate[f"{k}, ours, local"] for k in kinds]

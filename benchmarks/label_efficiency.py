@@ -1,16 +1,16 @@
 """Label-efficiency benchmark: does self-supervised pretraining pay at 1% of the labels?
 
-One command synthesizes a PLAX data set (``echo.synth``: labelled patients split by patient
+One command synthesizes a PLAX data set (``echo.ingest.synth``: labelled patients split by patient
 into train/val/test, plus unlabelled patients), pretrains SimCLR, MI-SimCLR and EchoCLR on
 the unlabelled + train videos with the same budget (epochs, batch, optimizer), fine-tunes each
 encoder and a random initialisation on 1%, 5%, 10%, 25% and 100% of the training labels
-(nested, stratified, patient-level subsets: ``echo.finetune.training_rows``), and evaluates the
+(nested, stratified, patient-level subsets: ``echo.train.finetune.training_rows``), and evaluates the
 best-on-validation weights once on the test split with 95% stratified-bootstrap CIs
-(``echo.finetune.finalize``).
+(``echo.train.finetune.finalize``).
 
 Fine-tuning uses FIXED settings per profile (below), the same for every initialisation and
 fraction: no Tune search. Early stopping on validation AUROC. Every stage runs in-process
-through ``echo.trainer.LocalSession`` (no Ray: on a 2-core machine Ray's start-up and
+through ``echo.train.session.LocalSession`` (no Ray: on a 2-core machine Ray's start-up and
 worker processes would cost more than the small model's training); the ``gpu`` profile
 runs the same way on one CUDA device.
 
@@ -50,15 +50,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from echo import checkpoint as ckpt  # noqa: E402
+from echo.train import checkpoint as ckpt  # noqa: E402
 from echo import tracking  # noqa: E402
-from echo.finetune import FinetuneConfig, finalize, finetune_loop, training_rows  # noqa: E402
-from echo.manifest import Manifest, load_manifest  # noqa: E402
-from echo.models import ASClassifier  # noqa: E402
-from echo.plots import plot_label_efficiency  # noqa: E402
-from echo.pretrain import PretrainConfig, pretrain_loop  # noqa: E402
-from echo.synth import synthesize  # noqa: E402
-from echo.trainer import LocalSession  # noqa: E402
+from echo.train.finetune import FinetuneConfig, finalize, finetune_loop, training_rows  # noqa: E402
+from echo.data.manifest import Manifest, load_manifest  # noqa: E402
+from echo.model.networks import ASClassifier  # noqa: E402
+from echo.evaluation.plots import plot_label_efficiency  # noqa: E402
+from echo.train.pretrain import PretrainConfig, pretrain_loop  # noqa: E402
+from echo.ingest.synth import synthesize  # noqa: E402
+from echo.train.session import LocalSession  # noqa: E402
 
 __all__ = [
     "Profile",
@@ -94,7 +94,7 @@ class Profile:
     """
 
     name: str
-    # data (echo.synth)
+    # data (echo.ingest.synth)
     patients: int
     unlabeled_patients: int
     prevalence: float

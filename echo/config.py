@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from echo import storage
+from echo.data import storage
 
 __all__ = ["ConfigError", "load_config", "apply_config"]
 

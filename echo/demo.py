@@ -53,17 +53,18 @@ def run_demo(cfg: DemoConfig) -> int:
     """Run every stage; print where the results are. Returns 0."""
     import ray
 
-    from echo import storage, tracking
-    from echo.attribution import explain_videos
-    from echo.manifest import format_summary, load_manifest
-    from echo.predict import load_model
-    from echo.pretrain import PretrainConfig, run_pretrain
-    from echo.raycluster import connect
-    from echo.registry import format_summary as registry_summary
-    from echo.registry import pull
-    from echo.synth import synthesize
-    from echo.trainer import RayOptions
-    from echo.tune import TuneConfig, run_search
+    from echo.data import storage
+    from echo import tracking
+    from echo.explain.attribution import explain_videos
+    from echo.data.manifest import format_summary, load_manifest
+    from echo.serve.predict import load_model
+    from echo.train.pretrain import PretrainConfig, run_pretrain
+    from echo.train.launch import connect
+    from echo.serve.registry import format_summary as registry_summary
+    from echo.serve.registry import pull
+    from echo.ingest.synth import synthesize
+    from echo.train.launch import RayOptions
+    from echo.train.tune import TuneConfig, run_search
 
     began = time.monotonic()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -124,7 +125,7 @@ def run_demo(cfg: DemoConfig) -> int:
     _done(t)
 
     t = _step(6, "saliency GIFs for those videos (SmoothGrad)")
-    from echo.attribution import region_boxes
+    from echo.explain.attribution import region_boxes
 
     table = explain_videos(model, picks["video_uri"].tolist(), str(out / "saliency"), "smoothgrad",
                            region_boxes(picks, "valve"))

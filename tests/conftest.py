@@ -131,7 +131,7 @@ def s3_server():
 @pytest.fixture
 def s3_bucket(s3_server) -> str:
     """A new empty bucket on the moto server; returns its name."""
-    from echo import storage
+    from echo.data import storage
 
     name = f"test-{uuid.uuid4().hex[:12]}"
     storage.s3_client().create_bucket(Bucket=name)
@@ -175,7 +175,7 @@ def mlflow_server(s3_server, tmp_path_factory):
     """
     import types
 
-    from echo import storage
+    from echo.data import storage
 
     root = tmp_path_factory.mktemp("mlflow-server")
     bucket = f"mlflow-{uuid.uuid4().hex[:12]}"
@@ -214,7 +214,7 @@ def mlflow_server(s3_server, tmp_path_factory):
 def synth_small(tmp_path_factory) -> str:
     """A small synthetic data set shared by the training tests: 32 labelled + 8 unlabeled
     patients, 64x64 px, 16-24 frames, both classes in every split. Returns the manifest path."""
-    from echo.synth import synthesize
+    from echo.ingest.synth import synthesize
 
     out = tmp_path_factory.mktemp("synth-small")
     return synthesize(str(out), patients=32, seed=7, prevalence=0.4, splits=(0.5, 0.25, 0.25), unlabeled_patients=8,
@@ -234,8 +234,8 @@ def pretrain_run(synth_small, tracking_uri, tmp_path_factory) -> str:
     import dataclasses
 
     from echo import tracking
-    from echo.pretrain import PretrainConfig, pretrain_loop
-    from echo.trainer import LocalSession
+    from echo.train.pretrain import PretrainConfig, pretrain_loop
+    from echo.train.session import LocalSession
 
     cfg = PretrainConfig(manifest=synth_small, backbone="tiny3d", epochs=2, batch_size=8, lr=1e-3, loader_workers=0,
                          probe_every=0, tracking_uri=tracking_uri, experiment="pretrain-for-finetune")

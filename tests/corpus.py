@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from echo import storage
-from echo.video import encode_mp4
+from echo.data import storage
+from echo.data.video import encode_mp4
 
 __all__ = ["video_frames", "write_corpus"]
 
@@ -38,7 +38,7 @@ def write_corpus(
 ) -> pd.DataFrame:
     """Encode ``n_videos`` videos under ``folder`` (a local path or ``s3://`` prefix).
 
-    Returns manifest rows as ``echo.manifest.Manifest.table`` holds them: ``row``,
+    Returns manifest rows as ``echo.data.manifest.Manifest.table`` holds them: ``row``,
     ``video_uri``, ``patient_id``, ``study_id``, ``split``, ``label``, ``n_frames``. Studies
     take ``videos_per_study`` videos in turn; the first ``short`` videos have 3 frames.
     """

@@ -8,7 +8,7 @@ import numpy as np
 import scipy.ndimage as ndi
 import torch
 
-from echo.augment import PAD, AugmentParams, augment_clip, sample_params, warp_clip
+from echo.data.augment import PAD, AugmentParams, augment_clip, sample_params, warp_clip
 
 H, W = 48, 40
 

@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from echo import storage
+from echo.data import storage
 from echo.cli import COMMANDS, build_parser, main
 from echo.config import ConfigError, apply_config, load_config
-from echo.video import encode_mp4, probe
+from echo.data.video import encode_mp4, probe
 
 GROUPS = sorted({words[0] for words, _, _ in COMMANDS if len(words) > 1})
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from echo.clips import clip_span, eval_clip_indices, eval_clips, minmax, train_clip_indices
-from echo.video import VideoDecodeError, encode_mp4
+from echo.data.clips import clip_span, eval_clip_indices, eval_clips, minmax, train_clip_indices
+from echo.data.video import VideoDecodeError, encode_mp4
 
 
 def _video(n_frames: int, size: int = 32) -> np.ndarray:

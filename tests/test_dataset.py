@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from corpus import video_frames, write_corpus
-from echo import storage
-from echo.clips import eval_clips, minmax
-from echo.dataset import ByteCache, EvalClipDataset, LabelledClipDataset, SampleSkipped, SSLClipDataset
-from echo.losses import permutations
-from echo.video import encode_mp4
+from echo.data import storage
+from echo.data.clips import eval_clips, minmax
+from echo.data.dataset import ByteCache, EvalClipDataset, LabelledClipDataset, SampleSkipped, SSLClipDataset
+from echo.train.losses import permutations
+from echo.data.video import encode_mp4
 
 
 @pytest.fixture(scope="module")

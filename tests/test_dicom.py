@@ -1,4 +1,4 @@
-"""echo.dicom on a real ultrasound cine from pydicom's test data and variants derived from it.
+"""echo.ingest.dicom on a real ultrasound cine from pydicom's test data and variants derived from it.
 
 ``examples_ybr_color.dcm`` is a 30-frame apical echo (SonoSite, JPEG baseline, YBR_FULL_422,
 Frame Time 33.333 ms) whose pixels were halved after its Ultrasound Regions box was written,
@@ -21,7 +21,7 @@ from pydicom.pixels import convert_color_space
 from pydicom.sequence import Sequence
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, MPEG2MPML, RLELossless
 
-from echo import dicom
+from echo.ingest import dicom
 
 REAL_CINE = "examples_ybr_color.dcm"
 # The file's own 2-D region box, written for the 640x480 original: halved, it bounds the fan.

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from echo import tracking
-from echo.finetune import FinetuneConfig, pretrain_run_id, resolve_init, run_finetune
-from echo.trainer import RayOptions
+from echo.train.finetune import FinetuneConfig, pretrain_run_id, resolve_init, run_finetune
+from echo.train.launch import RayOptions
 
 
 def _finetune(synth_small, tracking_uri, tmp_path, **kw) -> tuple[FinetuneConfig, str]:

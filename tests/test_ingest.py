@@ -31,9 +31,10 @@ from test_dicom import (
     with_regions,
 )
 
-from echo import dicom, storage
+from echo.ingest import dicom
+from echo.data import storage
 from echo.commands import ingest as ingest_command
-from echo.ingest import (
+from echo.ingest.pipeline import (
     ID_KEY_ENV,
     IngestError,
     IngestOptions,
@@ -45,8 +46,8 @@ from echo.ingest import (
     load_labels,
     split_for_patient,
 )
-from echo.manifest import load_manifest
-from echo.video import decode_frames, probe
+from echo.data.manifest import load_manifest
+from echo.data.video import decode_frames, probe
 
 KEY = "test-key-0123456789-not-a-real-secret"
 PATIENT_DIR = "ZZTESTPATIENT_SECRETNAME/PID-ZZ-98765"  # exports name folders after patients

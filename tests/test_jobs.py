@@ -224,7 +224,7 @@ def tail(path: Path, chars: int = 4000) -> str:
 def synth_to_s3(prefix: str, patients: int, unlabeled: int = 0, seed: int = 0) -> str:
     """A small synthetic data set (64 x 64 videos of 16-24 frames; ``patients`` labelled and
     ``unlabeled`` more) under the ``s3://`` ``prefix``; returns its manifest's URI."""
-    from echo.synth import synthesize
+    from echo.ingest.synth import synthesize
 
     return synthesize(prefix, patients=patients, unlabeled_patients=unlabeled, seed=seed, size=64,
                       min_frames=16, max_frames=24)
@@ -232,7 +232,7 @@ def synth_to_s3(prefix: str, patients: int, unlabeled: int = 0, seed: int = 0) -
 
 def checkpoint_keys(storage: str, run_name: str) -> list[str]:
     """The checkpoint state files under ``storage/run_name``, in the order Ray wrote them."""
-    from echo import storage as st
+    from echo.data import storage as st
 
     return [u for u in st.list_prefix(f"{storage}/{run_name}") if "/checkpoint_" in u and u.endswith("/state.pt")]
 
@@ -245,7 +245,7 @@ def registered_checkpoints(storage: str, run_name: str) -> list[str]:
     """
     import json
 
-    from echo import storage as st
+    from echo.data import storage as st
 
     uri = f"{storage}/{run_name}/checkpoint_manager_snapshot.json"
     try:

@@ -1,6 +1,6 @@
 """Smoke run of the label-efficiency benchmark's functions on a tiny synthetic set.
 
-Real components throughout: echo.synth data on disk, in-process pretraining and fine-tuning
+Real components throughout: echo.ingest.synth data on disk, in-process pretraining and fine-tuning
 of tiny3d, MLflow on a local SQLite store.
 """
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from corpus import write_corpus
-from echo import storage
-from echo.dataset import SSLClipDataset
-from echo.loader import Skip, TooManySkipped, VideoLoader, epoch_order, rank_shard
+from echo.data import storage
+from echo.data.dataset import SSLClipDataset
+from echo.data.loader import Skip, TooManySkipped, VideoLoader, epoch_order, rank_shard
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_len_hint_and_drop_last(rows):
 def test_bad_objects_are_skipped_reported_and_logged_once(bad_rows, workers, caplog):
     n_good = len(bad_rows) - 4
     ds = SSLClipDataset(bad_rows, "simclr")
-    caplog.set_level(logging.WARNING, logger="echo.loader")
+    caplog.set_level(logging.WARNING, logger="echo.data.loader")
     with VideoLoader(ds, batch_size=4, num_workers=workers, max_skipped_fraction=0.2) as loader:
         for epoch in range(2):
             batches = _epoch(loader, epoch)

@@ -16,8 +16,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from conftest import free_port
-from echo import distributed
-from echo.losses import MAX_ORDER_CLIP_LEN, NTXentLoss, frame_order_loss, permutations
+from echo.train import distributed
+from echo.train.losses import MAX_ORDER_CLIP_LEN, NTXentLoss, frame_order_loss, permutations
 
 
 def reference_ntxent(z0: torch.Tensor, z1: torch.Tensor, temperature: float) -> tuple[torch.Tensor, float]:

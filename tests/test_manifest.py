@@ -14,16 +14,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from echo import storage
+from echo.data import storage
 from echo.cli import main
-from echo.manifest import (
+from echo.data.manifest import (
     ManifestError,
     absolute_uri,
     hash_ids,
     label_fraction_patients,
     load_manifest,
 )
-from echo.video import encode_mp4
+from echo.data.video import encode_mp4
 
 COLUMNS = ["video_uri", "patient_id", "study_id", "split", "label", "n_frames", "fps", "site"]
 

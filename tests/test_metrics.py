@@ -1,4 +1,4 @@
-"""echo.metrics: AUROC and its intervals (stratified bootstrap, DeLong), thresholds, report,
+"""echo.evaluation.metrics: AUROC and its intervals (stratified bootstrap, DeLong), thresholds, report,
 aggregation by group, and errors."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from echo import metrics as M
+from echo.evaluation import metrics as M
 
 
 def _scores(n: int, prevalence: float, seed: int, decimals: int | None = 1) -> tuple[np.ndarray, np.ndarray]:

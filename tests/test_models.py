@@ -14,8 +14,8 @@ import torchvision
 from torch import nn
 
 from conftest import free_port
-from echo import storage
-from echo.models import (
+from echo.data import storage
+from echo.model.networks import (
     BACKBONES,
     KINETICS_MEAN,
     KINETICS_STD,
@@ -99,7 +99,7 @@ def test_partial_weights_warn_with_missing_keys(r3d_file, tmp_path: Path, caplog
     torch.manual_seed(3)
     backbone, _ = build_backbone("r3d_18")
     before = {k: v.clone() for k, v in backbone.state_dict().items() if k.startswith("layer4.")}
-    with caplog.at_level(logging.WARNING, logger="echo.models"):
+    with caplog.at_level(logging.WARNING, logger="echo.model.networks"):
         report = load_backbone_state(backbone, str(partial_path))
     assert report.missing == list(before)
     assert report.unexpected == ["extra.weight"]

@@ -1,4 +1,4 @@
-"""echo.plots: every figure is a valid PNG, locally and on S3; the ROC band holds the curve."""
+"""echo.evaluation.plots: every figure is a valid PNG, locally and on S3; the ROC band holds the curve."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from echo import metrics as M
-from echo import plots, storage
+from echo.evaluation import metrics as M
+from echo.evaluation import plots
+from echo.data import storage
 
 
 @pytest.fixture(scope="module")

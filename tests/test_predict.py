@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import echo
-from echo.bundle import load_bundle, save_bundle
+from echo.serve.bundle import load_bundle, save_bundle
 from echo.cli import main
-from echo.clips import eval_clips
-from echo.models import ASClassifier
-from echo.video import VideoDecodeError, encode_mp4
+from echo.data.clips import eval_clips
+from echo.model.networks import ASClassifier
+from echo.data.video import VideoDecodeError, encode_mp4
 
 
 def write_video(path: Path, n_frames: int, size: int, seed: int) -> str:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from echo import tracking
-from echo.pretrain import PretrainConfig, run_pretrain
-from echo.trainer import RayOptions
+from echo.train.pretrain import PretrainConfig, run_pretrain
+from echo.train.launch import RayOptions
 from test_jobs import registered_checkpoints
 
 
@@ -98,7 +98,7 @@ def test_killed_worker_resumes_from_checkpoint_and_logs_each_epoch_once(ray_clus
 def test_bad_manifest_stops_before_ray_starts(tmp_path):
     bad = tmp_path / "m.csv"
     bad.write_text("video_uri,patient_id,study_id,split,label\nv.mp4,P1,S1,training,1\n")
-    from echo.manifest import ManifestError
+    from echo.data.manifest import ManifestError
 
     with pytest.raises(ManifestError, match="row 1.*split"):
         run_pretrain(_config(str(bad), tmp_path), RayOptions(workers=1))

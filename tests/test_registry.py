@@ -19,10 +19,12 @@ import mlflow
 import pytest
 import torch
 
-from echo import load_model, registry, storage
-from echo.bundle import BundleIntegrityError, file_sha256, save_bundle
+from echo import load_model
+from echo.serve import registry
+from echo.data import storage
+from echo.serve.bundle import BundleIntegrityError, file_sha256, save_bundle
 from echo.cli import main
-from echo.models import ASClassifier
+from echo.model.networks import ASClassifier
 
 MANIFEST_A = "a1" * 32
 MANIFEST_B = "b2" * 32

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from corpus import write_corpus
-from echo import storage
-from echo.dataset import SSLClipDataset
-from echo.loader import VideoLoader
+from echo.data import storage
+from echo.data.dataset import SSLClipDataset
+from echo.data.loader import VideoLoader
 from faultproxy import FaultProxy
 
 

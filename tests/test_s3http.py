@@ -1,4 +1,4 @@
-"""Object reads through ``echo.s3http``: SigV4 presigning equal to botocore's, kept-alive
+"""Object reads through ``echo.data.s3http``: SigV4 presigning equal to botocore's, kept-alive
 connections, retries and their limits, proxies and TLS, against the moto server and the
 fault-injecting proxy over real sockets on 127.0.0.1."""
 
@@ -17,7 +17,8 @@ from botocore.config import Config
 from botocore.credentials import Credentials
 
 from conftest import free_port, start_moto, stop_process_group
-from echo import s3http, storage
+from echo.data import s3http
+from echo.data import storage
 from faultproxy import OTHER_REGION, FaultProxy
 
 ODD_KEYS = ["plain/v.mp4", "a b/c+d=e&f.mp4", "ü/é~x", "x//y", "a%20b", "q?x#y", "-._~!$'()*,;:@"]

@@ -1,4 +1,4 @@
-"""echo.saliency and echo.saliency_render: maps find the region a model reads; the region measure
+"""echo.explain.saliency and echo.explain.render: maps find the region a model reads; the region measure
 matches its definition; GIFs and PNG strips are valid images of the documented frame count and size."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from echo import saliency as S
-from echo import saliency_render as R
-from echo import storage
+from echo.explain import saliency as S
+from echo.explain import render as R
+from echo.data import storage
 
 T, H, W = 8, 64, 64
 
@@ -119,7 +119,7 @@ def test_grad_cam_layers_and_errors():
     clip = _clip(2)[:, :, :16, :16]
     default = S.grad_cam(model, clip)
     # default: the last Conv3d; in a flat Sequential no module encloses it, so its own output
-    # (BoxReader and the echo.models test cover widening to an enclosing block)
+    # (BoxReader and the echo.model.networks test cover widening to an enclosing block)
     assert S.gradcam_layer(model) is model[3]
     np.testing.assert_allclose(default, S.grad_cam(model, clip, layer="3"), atol=1e-6)
     np.testing.assert_allclose(default, S.grad_cam(model, clip, layer=model[3]), atol=1e-6)
@@ -142,7 +142,7 @@ def test_grad_cam_layers_and_errors():
 
 
 def test_echo_models_give_finite_maps_of_the_clip_shape():
-    from echo.models import ASClassifier
+    from echo.model.networks import ASClassifier
 
     torch.manual_seed(0)
     clip = _clip(3)[:, :, :32, :32]

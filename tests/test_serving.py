@@ -20,11 +20,12 @@ import torch
 from conftest import free_port, open_loopback, stop_process_group, wait_for_http, wait_for_port
 
 import echo
-from echo import registry, storage
-from echo.bundle import save_bundle
-from echo.models import ASClassifier
-from echo.serving import ALLOWED_PREFIXES_ENV, URINotAllowedError, allowed_prefixes, check_allowed
-from echo.video import encode_mp4
+from echo.serve import registry
+from echo.data import storage
+from echo.serve.bundle import save_bundle
+from echo.model.networks import ASClassifier
+from echo.serve.pyfunc import ALLOWED_PREFIXES_ENV, URINotAllowedError, allowed_prefixes, check_allowed
+from echo.data.video import encode_mp4
 
 
 def test_default_policy_allows_only_the_working_folder(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port
-from echo import storage
+from echo.data import storage
 
 
 def test_s3_round_trip(s3_bucket: str) -> None:

@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from echo import storage, synth
+from echo.data import storage
+from echo.ingest import synth
 from echo.cli import main
-from echo.manifest import load_manifest
-from echo.video import decode_frames, probe
+from echo.data.manifest import load_manifest
+from echo.data.video import decode_frames, probe
 
 SMALL = dict(size=64, min_frames=12, max_frames=20)
 

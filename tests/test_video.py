@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
-from echo.video import KEYFRAME_INTERVAL, VideoDecodeError, decode_frames, encode_mp4, probe
+from echo.data.video import KEYFRAME_INTERVAL, VideoDecodeError, decode_frames, encode_mp4, probe
 
 
 def _frames(n: int = 24, size: int = 112, seed: int = 0) -> np.ndarray:

@@ -11,7 +11,7 @@ import dataclasses
 import typing
 from typing import Any
 
-from echo.trainer import RayOptions
+from echo.train.launch import RayOptions
 
 __all__ = ["add_config_arguments", "config_from_args", "add_ray_arguments", "ray_options_from_args"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from echo.evaluate import evaluate_model
-from echo.saliency import METHODS
+from echo.evaluation.evaluate import evaluate_model
+from echo.explain.saliency import METHODS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

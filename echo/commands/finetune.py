@@ -6,7 +6,7 @@ import argparse
 
 from echo.commands._options import add_config_arguments, add_ray_arguments, config_from_args, ray_options_from_args
 from echo.commands.pretrain import HELP as PRETRAIN_HELP
-from echo.finetune import FinetuneConfig, run_finetune
+from echo.train.finetune import FinetuneConfig, run_finetune
 
 HELP = {
     **PRETRAIN_HELP,

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from echo.ingest import ID_KEY_ENV, LABEL_KEYS, IngestError, IngestOptions, ingest, parse_size, parse_splits
+from echo.ingest.pipeline import ID_KEY_ENV, LABEL_KEYS, IngestError, IngestOptions, ingest, parse_size, parse_splits
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from echo.manifest import ManifestError, format_summary, load_manifest
+from echo.data.manifest import ManifestError, format_summary, load_manifest
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

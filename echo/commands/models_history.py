@@ -9,7 +9,7 @@ import sys
 
 import pandas as pd
 
-from echo.registry import RegistryError, history
+from echo.serve.registry import RegistryError, history
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from echo.registry import CHAMPION, RegistryError, promote
+from echo.serve.registry import CHAMPION, RegistryError, promote
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from echo.bundle import BundleError
-from echo.registry import RegistryError, format_summary, pull
+from echo.serve.bundle import BundleError
+from echo.serve.registry import RegistryError, format_summary, pull
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

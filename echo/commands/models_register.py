@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from echo.bundle import BundleError
-from echo.registry import CHAMPION, DEFAULT_NAME, RegistryError, register, version_info
+from echo.serve.bundle import BundleError
+from echo.serve.registry import CHAMPION, DEFAULT_NAME, RegistryError, register, version_info
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -17,11 +17,11 @@ from typing import Any
 
 import pandas as pd
 
-from echo import storage
-from echo.bundle import BundleError
-from echo.manifest import SPLITS, ManifestError
-from echo.registry import RegistryError
-from echo.video import VideoDecodeError
+from echo.data import storage
+from echo.serve.bundle import BundleError
+from echo.data.manifest import SPLITS, ManifestError
+from echo.serve.registry import RegistryError
+from echo.data.video import VideoDecodeError
 
 _MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 
@@ -46,7 +46,7 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from echo.predict import load_model, study_table
+    from echo.serve.predict import load_model, study_table
 
     manifests = list(args.manifest) + [v for v in args.videos if v.lower().endswith(_MANIFEST_SUFFIXES)]
     videos = [v for v in args.videos if not v.lower().endswith(_MANIFEST_SUFFIXES)]

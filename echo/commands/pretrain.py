@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from echo.commands._options import add_config_arguments, add_ray_arguments, config_from_args, ray_options_from_args
-from echo.pretrain import METHODS, PretrainConfig, run_pretrain
+from echo.train.pretrain import METHODS, PretrainConfig, run_pretrain
 
 HELP = {
     "manifest": "manifest URI (CSV/Parquet, local or s3://)",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from echo.saliency import METHODS
+from echo.explain.saliency import METHODS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,9 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from echo.attribution import explain_videos, region_boxes, sample_studies
-    from echo.manifest import load_manifest
-    from echo.predict import load_model
+    from echo.explain.attribution import explain_videos, region_boxes, sample_studies
+    from echo.data.manifest import load_manifest
+    from echo.serve.predict import load_model
 
     if bool(args.videos) == bool(args.manifest):
         print("error: give either videos or --manifest", file=sys.stderr)

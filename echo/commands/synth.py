@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from echo.synth import SynthConfig, synthesize
+from echo.ingest.synth import SynthConfig, synthesize
 
 __all__ = ["add_arguments", "run"]
 

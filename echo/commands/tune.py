@@ -6,7 +6,7 @@ import argparse
 
 from echo.commands._options import add_config_arguments, config_from_args
 from echo.commands.finetune import HELP as FINETUNE_HELP
-from echo.tune import TuneConfig, run_search
+from echo.train.tune import TuneConfig, run_search
 
 HELP = {
     **FINETUNE_HELP,

@@ -1,0 +1,1 @@
+"""Storage -> decode -> clips: object reads, manifests, video decoding, clip sampling, augmentation, loaders."""

@@ -1,0 +1,1 @@
+"""Why a model decided: saliency maps, their rendering, and valve-energy attribution."""

@@ -1,0 +1,1 @@
+"""Ways in: DICOM and video-file ingestion, and the synthetic PLAX generator; each writes videos + a manifest."""

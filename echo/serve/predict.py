@@ -1,0 +1,208 @@
+"""Prediction with a registered or pulled model: per-video and per-study probabilities.
+
+A video's probability of severe aortic stenosis is the mean over ``num_clips`` evaluation
+clips (``echo.data.clips.eval_clips``: evenly spaced ``clip_len``-frame clips, each min-max scaled
+to [0, 1]) of the sigmoid of the classifier's logit; frames of another size than the
+bundle's ``frame_size`` are resized (bilinear, antialiased) first. A study's probability is
+the mean over its videos. The call is severe (``prediction`` 1) when the probability is at
+least the threshold stored in the bundle (chosen on validation).
+
+Outputs never carry patient or study identifiers: studies are named by a salted hash drawn
+afresh for each call, which groups the rows of one output and links to nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+import pandas as pd
+
+if TYPE_CHECKING:
+    import torch
+
+    from echo.model.networks import ASClassifier
+
+__all__ = ["SEVERE", "NOT_SEVERE", "EchoModel", "load_model", "study_table"]
+
+log = logging.getLogger(__name__)
+
+SEVERE = "severe"
+NOT_SEVERE = "not severe"
+_STUDY_KEY_CHARS = 16
+_READ_AHEAD = 4  # videos fetched from storage ahead of the one being scored
+
+
+def _call(prediction: int) -> str:
+    return SEVERE if prediction else NOT_SEVERE
+
+
+class EchoModel:
+    """A classifier with the preprocessing and threshold of its bundle.
+
+    Args:
+        model: the :class:`~echo.model.networks.ASClassifier` (weights loaded).
+        meta: the bundle's ``model.json`` (plus ``registry`` when pulled from a registry).
+        source: where it came from (a URI or folder), for messages.
+        device: ``"cpu"``, ``"cuda"``...; default CUDA when available, else CPU.
+    """
+
+    def __init__(self, model: "ASClassifier", meta: Mapping[str, Any], source: str, device: str | None = None) -> None:
+        import torch
+
+        self.meta = dict(meta)
+        self.source = source
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.threshold = float(meta["threshold"])
+        self.clip_len = int(meta["clip_len"])
+        self.num_clips = int(meta["num_clips"])
+        self.stride = int(meta["stride"])
+        self.frame_size = (int(meta["frame_size"][0]), int(meta["frame_size"][1]))
+
+    def info(self) -> dict[str, Any]:
+        """A JSON-ready description: source, registry version, threshold, AUROC, data hash."""
+        keys = ("backbone", "label_fraction", "init", "threshold", "val_auroc", "test_auroc", "test_auroc_ci_low",
+                "test_auroc_ci_high", "manifest_sha256", "weights_sha256", "code_version")
+        out = {"source": self.source, **{k: self.meta.get(k) for k in keys}}
+        if self.meta.get("registry"):
+            out["registry"] = self.meta["registry"]
+        return out
+
+    def clips(self, data: bytes, uri: str) -> "torch.Tensor":
+        """MP4 bytes of one video -> its evaluation clips ``(K, 1, T, H, W)`` float32 in [0, 1]
+        (K = num_clips, T = clip_len, (H, W) = frame_size)."""
+        import torch
+        import torch.nn.functional as F
+
+        from echo.data.clips import eval_clips
+
+        x = torch.from_numpy(eval_clips(data, uri, self.clip_len, self.num_clips, self.stride))
+        k, t, h, w = x.shape
+        if (h, w) != self.frame_size:
+            x = F.interpolate(x.reshape(k * t, 1, h, w), size=self.frame_size, mode="bilinear",
+                              align_corners=False, antialias=True).clamp_(0.0, 1.0)
+            x = x.reshape(k, t, *self.frame_size)
+        return x.unsqueeze(1)
+
+    def probability(self, data: bytes, uri: str) -> float:
+        """Probability of severe aortic stenosis for one video (mean over its clips)."""
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model(self.clips(data, uri).to(self.device))
+            return float(torch.sigmoid(logits.double()).mean())
+
+    def _videos(self, uris: Sequence[str]) -> Iterator[tuple[str, bytes]]:
+        """``(uri, bytes)`` in order, fetched a few ahead in threads; decoding stays in this thread."""
+        from echo.data import storage
+
+        with ThreadPoolExecutor(max_workers=_READ_AHEAD) as pool:
+            pending: deque = deque()
+            todo = iter(uris)
+            for uri in todo:
+                pending.append((uri, pool.submit(storage.read_bytes, uri)))
+                if len(pending) >= _READ_AHEAD:
+                    break
+            while pending:
+                uri, future = pending.popleft()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(storage.read_bytes, nxt)))
+                yield uri, future.result()
+
+    def predict_videos(self, uris: Sequence[str]) -> pd.DataFrame:
+        """One row per URI (local path or ``s3://``), in order: ``video_uri``, ``probability``,
+        ``prediction`` (1 = severe at the stored threshold) and ``call``.
+
+        Raises ``FileNotFoundError`` or ``echo.data.video.VideoDecodeError`` naming the video.
+        """
+        uris = [str(u) for u in uris]
+        probs = [self.probability(data, uri) for uri, data in self._videos(uris)]
+        preds = [int(p >= self.threshold) for p in probs]
+        return pd.DataFrame(
+            {
+                "video_uri": pd.Series(uris, dtype=object),
+                "probability": pd.Series(probs, dtype="float64"),
+                "prediction": pd.Series(preds, dtype="int64"),
+                "call": pd.Series([_call(p) for p in preds], dtype=object),
+            }
+        )
+
+    def predict_manifest(self, manifest_uri: str, split: str | None = None) -> pd.DataFrame:
+        """Predictions for the videos of a manifest (one split, or all rows).
+
+        Columns: ``video_uri``, ``split``, ``label``, ``study`` (a salted hash of the study ID,
+        fresh per call), ``probability``, ``prediction``, ``call``, and the study's
+        ``study_probability`` (mean over its videos), ``study_prediction`` and ``study_call``.
+        """
+        from echo.data.manifest import SPLITS, hash_ids, load_manifest
+
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        manifest = load_manifest(manifest_uri)
+        rows = manifest.table if split is None else manifest.split(split)
+        if rows.empty:
+            raise ValueError(f"manifest {manifest_uri} has no rows in split {split!r}")
+        out = self.predict_videos(rows["video_uri"].tolist())
+        _, hashes = hash_ids(rows["study_id"].astype(str))
+        out.insert(1, "split", rows["split"].to_numpy())
+        out.insert(2, "label", rows["label"].to_numpy(dtype="float64"))
+        out.insert(3, "study", [h[:_STUDY_KEY_CHARS] for h in hashes])
+        study_prob = out.groupby("study", sort=False)["probability"].transform("mean")
+        out["study_probability"] = study_prob
+        out["study_prediction"] = (study_prob >= self.threshold).astype("int64")
+        out["study_call"] = [_call(p) for p in out["study_prediction"]]
+        return out
+
+
+def study_table(predictions: pd.DataFrame) -> pd.DataFrame:
+    """Per-study rows from :meth:`EchoModel.predict_manifest`'s output: ``study``, ``split``,
+    ``label`` (max over videos), ``n_videos``, ``probability``, ``prediction``, ``call``."""
+    grouped = predictions.groupby("study", sort=False)
+    return pd.DataFrame(
+        {
+            "study": list(grouped.groups),
+            "split": grouped["split"].first().to_numpy(),
+            "label": grouped["label"].max().to_numpy(),
+            "n_videos": grouped.size().to_numpy(),
+            "probability": grouped["study_probability"].first().to_numpy(),
+            "prediction": grouped["study_prediction"].first().to_numpy(),
+            "call": grouped["study_call"].first().to_numpy(),
+        }
+    )
+
+
+def load_model(uri: str, tracking_uri: str | None = None, device: str | None = None) -> EchoModel:
+    """Load a model without running registry code.
+
+    ``uri``: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/<model id>``,
+    ``runs:/RUN_ID[/model]`` (downloaded from the tracking server or store, default
+    ``$MLFLOW_TRACKING_URI`` else ``sqlite:///mlflow.db`` in the working folder), or a local
+    bundle folder (e.g. from ``echo-ssl models pull``). Only ``model.json`` and ``weights.pt``
+    are read; the weights' SHA-256 is checked and they are loaded with
+    ``torch.load(weights_only=True)`` into :class:`~echo.model.networks.ASClassifier`.
+    """
+    from echo.serve.bundle import load_bundle
+    from echo.serve.registry import REGISTRY_INFO_FILE, pull
+
+    if os.path.isdir(uri):
+        model, meta = load_bundle(uri)
+        info = Path(uri) / REGISTRY_INFO_FILE
+        if info.is_file():
+            meta["registry"] = json.loads(info.read_text())
+        return EchoModel(model, meta, source=uri, device=device)
+    if "://" not in uri and ":/" not in uri:
+        raise FileNotFoundError(f"no bundle folder at {uri} (expected a folder holding model.json and weights.pt, or a models:/ or runs:/ URI)")
+    with tempfile.TemporaryDirectory(prefix="echo-model-") as tmp:
+        _, pulled = pull(uri, tmp, tracking_uri)
+        model, meta = load_bundle(tmp)
+    meta["registry"] = pulled["registry"]
+    return EchoModel(model, meta, source=uri, device=device)
+

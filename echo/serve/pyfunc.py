@@ -1,0 +1,175 @@
+"""The pyfunc flavour: ``mlflow models serve`` scoring videos by URI.
+
+``POST /invocations`` with a ``video_uri`` column, e.g.
+``{"dataframe_split": {"columns": ["video_uri"], "data": [["clips/a.mp4"]]}}``, answers one
+row per video: ``video_uri``, ``probability`` (of severe aortic stenosis), ``prediction``
+(1 = severe at the threshold stored in the bundle) and ``call``; the numbers are those of
+``echo-ssl predict`` (same code, :class:`echo.serve.predict.EchoModel`).
+
+What the server may open. The MLflow scoring server has no authentication and would read any
+path a client sends, so every URI is checked against allowed prefixes before it is read:
+
+- ``ECHO_SSL_SERVE_ALLOWED_PREFIXES``: comma-separated local folders and/or ``s3://bucket/prefix``
+  entries (read when the model loads). A local URI is allowed when its real path (symlinks
+  resolved) lies inside a listed folder; an ``s3://`` URI when it starts with a listed prefix
+  (taken as a folder) and has no ``.``/``..`` segments. Other schemes are refused.
+- Unset or empty: only local files under the server's working directory; no ``s3://`` at all.
+
+Trust: loading this flavour runs code (the ``echo`` sources shipped with the model in
+``code/`` go first on ``sys.path``, and the models-from-code entry file is executed). Serve
+models only from registries whose writers you trust; ``echo-ssl models pull`` and
+``echo.load_model`` are the paths that run no registry code.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+__all__ = [
+    "ALLOWED_PREFIXES_ENV",
+    "ENTRY_FILE",
+    "ENTRY_SOURCE",
+    "REQUIREMENTS",
+    "URINotAllowedError",
+    "allowed_prefixes",
+    "check_allowed",
+    "EchoPyfunc",
+    "signature",
+    "pip_requirements",
+    "write_entry",
+]
+
+log = logging.getLogger(__name__)
+
+ALLOWED_PREFIXES_ENV = "ECHO_SSL_SERVE_ALLOWED_PREFIXES"
+ENTRY_FILE = "echo_pyfunc_entry.py"
+ENTRY_SOURCE = '''"""MLflow models-from-code entry of an echo-ssl model (see echo.serve.pyfunc)."""
+import mlflow
+
+from echo.serve.pyfunc import EchoPyfunc
+
+mlflow.models.set_model(EchoPyfunc())
+'''
+# Distributions the served model imports; pinned to the versions installed when it is logged.
+REQUIREMENTS = ("mlflow", "torch", "torchvision", "numpy", "pandas", "decord", "boto3")
+
+
+class URINotAllowedError(PermissionError):
+    """A URI outside the prefixes the scoring server may read."""
+
+
+def allowed_prefixes(value: str | None = None) -> list[str]:
+    """Allowed prefixes from ``value`` (default: ``$ECHO_SSL_SERVE_ALLOWED_PREFIXES``).
+
+    Local entries become absolute real paths (relative ones against the working directory);
+    ``s3://`` entries end with ``/``. Unset or empty: the working directory only.
+    """
+    raw = os.environ.get(ALLOWED_PREFIXES_ENV, "") if value is None else value
+    entries = [e.strip() for e in raw.split(",") if e.strip()] or [os.getcwd()]
+    out = []
+    for entry in entries:
+        if entry.startswith("s3://"):
+            if len(entry.rstrip("/")) <= len("s3://"):
+                raise ValueError(f"{ALLOWED_PREFIXES_ENV}: {entry!r} names no bucket")
+            out.append(entry.rstrip("/") + "/")
+        elif "://" in entry:
+            raise ValueError(f"{ALLOWED_PREFIXES_ENV}: {entry!r}: only local folders and s3:// prefixes are supported")
+        else:
+            out.append(os.path.realpath(entry))
+    return out
+
+
+def check_allowed(uri: str, prefixes: Sequence[str]) -> None:
+    """Raise :class:`URINotAllowedError` unless ``uri`` lies under one of ``prefixes``."""
+    if uri.startswith("s3://"):
+        key_parts = uri[len("s3://") :].split("/")[1:]
+        if any(p in (".", "..") for p in key_parts):
+            raise URINotAllowedError(f"{uri}: '.' and '..' segments are not allowed")
+        if any(p.startswith("s3://") and uri.startswith(p) for p in prefixes):
+            return
+        raise URINotAllowedError(f"{uri}: not under an allowed s3:// prefix (set {ALLOWED_PREFIXES_ENV})")
+    if "://" in uri:
+        raise URINotAllowedError(f"{uri}: only local paths and s3:// URIs can be scored")
+    real = os.path.realpath(uri)
+    for p in prefixes:
+        if not p.startswith("s3://") and os.path.commonpath([real, p]) == p:
+            return
+    raise URINotAllowedError(f"{uri}: outside the allowed local folders (set {ALLOWED_PREFIXES_ENV})")
+
+
+class EchoPyfunc(PythonModel):
+    """Scores a DataFrame with a ``video_uri`` column; see the module docstring."""
+
+    def load_context(self, context: Any) -> None:
+        from echo.serve.bundle import load_bundle
+        from echo.serve.predict import EchoModel
+
+        model, meta = load_bundle(context.artifacts["bundle"])
+        self._model = EchoModel(model, meta, source="pyfunc")
+        self._prefixes = allowed_prefixes()
+        log.info("echo-ssl pyfunc: may read URIs under %s", ", ".join(self._prefixes))
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """``model_input`` (n rows, a ``video_uri`` column) -> (n rows: video_uri, probability,
+        prediction, call)."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from echo.data.video import VideoDecodeError
+
+        if "video_uri" not in model_input.columns:
+            raise MlflowException(
+                f"input needs a 'video_uri' column, got columns {list(model_input.columns)}",
+                error_code=INVALID_PARAMETER_VALUE,
+            )
+        uris = [str(u) for u in model_input["video_uri"]]
+        try:
+            for uri in uris:
+                check_allowed(uri, self._prefixes)
+            return self._model.predict_videos(uris)
+        except (OSError, VideoDecodeError) as e:  # not allowed, missing, unreadable: the client's error
+            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
+
+
+def signature():
+    """Input: a string column ``video_uri``; output: video_uri, probability, prediction, call."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "video_uri")]),
+        outputs=Schema(
+            [
+                ColSpec("string", "video_uri"),
+                ColSpec("double", "probability"),
+                ColSpec("long", "prediction"),
+                ColSpec("string", "call"),
+            ]
+        ),
+    )
+
+
+def pip_requirements() -> list[str]:
+    """:data:`REQUIREMENTS` pinned to their installed versions (explicit: inferring takes 10-20 s)."""
+    out = []
+    for dist in REQUIREMENTS:
+        try:
+            out.append(f"{dist}=={importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(dist)
+    return out
+
+
+def write_entry(folder: str | os.PathLike) -> Path:
+    """Write the models-from-code entry file into ``folder``; return its path."""
+    path = Path(folder) / ENTRY_FILE
+    path.write_text(ENTRY_SOURCE)
+    return path
+

@@ -1,0 +1,1 @@
+"""Training: the Session protocol, Ray launching, checkpoints, losses, pretraining, fine-tuning and Tune search."""

@@ -1,0 +1,368 @@
+"""Fine-tuning a severe-AS classifier on (a label fraction of) the training split.
+
+``finetune_loop`` trains with early stopping on the validation split (study-level AUROC by
+default) and keeps the best weights in its checkpoints; it runs on Ray Train workers
+(``run_finetune``, CLI ``echo-ssl finetune``) or inside a Ray Tune trial (``echo.train.tune``).
+``finalize`` turns the best weights into a result: thresholds chosen on validation, the test
+split evaluated once with 95% CIs, plots and predictions, and a model bundle in MLflow.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from echo.data import storage
+from echo import tracking
+from echo.train.checkpoint import resume_state, training_state
+from echo.train.distributed import all_reduce_sum, lockstep
+from echo.train.launch import RayOptions, fit_tracked, open_tracked_run
+from echo.train.optim import build_optimizer, optimizer_step
+from echo.train.session import RayTrainSession, Session, progress, rank0_logger
+
+__all__ = [
+    "FinetuneConfig",
+    "finetune_loop",
+    "finalize",
+    "finalize_checkpoint",
+    "run_finetune",
+    "pretrain_run_id",
+    "resolve_init",
+    "training_rows",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig:
+    """Every setting of a fine-tuning run; defaults follow the published recipe (method.md)."""
+
+    manifest: str
+    init: str = "random"  # random | kinetics | PATH | s3://... | runs:/<pretraining run id>
+    backbone: str = "r3d_18"
+    label_fraction: float = 1.0
+    subset_seed: int = 0
+    epochs: int = 30
+    batch_size: int = 88
+    clip_len: int = 16
+    stride: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    dropout: float = 0.25
+    label_smoothing: float = 0.1
+    class_weights: bool = True
+    freeze_epochs: int = 0
+    patience: int = 5
+    monitor: str = "auroc"  # auroc | loss (validation, study level)
+    optimizer: str = "adam"
+    schedule: str = "constant"
+    warmup_epochs: int = 0
+    grad_clip: float = 0.0
+    seed: int = 0
+    loader_workers: int = 2
+    val_clips: int = 2  # clips per video for the per-epoch validation
+    eval_clips: int = 4  # clips per video for the final evaluation
+    n_resamples: int = 2000
+    sample_timeout_s: float = 60.0
+    max_skipped_fraction: float = 0.01
+    cache_mb: int = 0
+    amp: bool = True
+    evaluate_test: bool = True
+    tracking_uri: str | None = None
+    experiment: str = "echo-ssl-finetune"
+    run_name: str | None = None
+    mlflow_run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.label_fraction <= 1:
+            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+        if self.monitor not in ("auroc", "loss"):
+            raise ValueError(f"monitor must be 'auroc' or 'loss', got {self.monitor!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        for name in ("epochs", "batch_size", "clip_len", "stride", "patience", "val_clips", "eval_clips"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def normalization(self) -> str:
+        return "kinetics" if self.init == "kinetics" else "minmax"
+
+
+def pretrain_run_id(init: str) -> str | None:
+    """The pretraining run of an ``--init runs:/<id>``; None for ``random``, ``kinetics`` or a file."""
+    return init[len("runs:/"):].strip("/").split("/")[0] if init.startswith("runs:/") else None
+
+
+@contextmanager
+def resolve_init(init: str, tracking_uri: str | None) -> Iterator[str]:
+    """The init for the model builder, valid inside the ``with`` block.
+
+    ``runs:/<id>`` downloads that pretraining run's ``encoder/encoder.pt`` into a temporary
+    folder (removed on leaving the block), checks the SHA-256 recorded beside it and gives
+    its path; any other init is given as it is.
+    """
+    run_id = pretrain_run_id(init)
+    if run_id is None:
+        yield init
+        return
+    import hashlib
+
+    c = tracking.client(tracking.resolve_tracking_uri(tracking_uri))
+    with tempfile.TemporaryDirectory(prefix="echo-init-") as folder:
+        try:
+            local = c.download_artifacts(run_id, "encoder", folder)
+        except Exception as e:
+            raise ValueError(f"--init {init}: the run has no encoder artifact ({e})") from None
+        weights = Path(local) / "encoder.pt"
+        meta = json.loads((Path(local) / "encoder.json").read_text())
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+        if digest != meta["sha256"]:
+            raise ValueError(f"--init {init}: encoder.pt SHA-256 {digest[:12]} does not match encoder.json")
+        yield str(weights)
+
+
+def training_rows(manifest, label_fraction: float, subset_seed: int) -> tuple[pd.DataFrame, list[str]]:
+    """The training rows of a label fraction (patient-level, stratified, nested) and its patients."""
+    from echo.data.manifest import label_fraction_patients
+
+    train = manifest.split("train")
+    patients = label_fraction_patients(train, label_fraction, subset_seed)
+    return train[train["patient_id"].isin(set(patients))].reset_index(drop=True), patients
+
+
+def _build_model(cfg: FinetuneConfig):
+    from echo.model.networks import ASClassifier
+
+    with resolve_init(cfg.init, cfg.tracking_uri) as init:
+        backbone_init = init if init in ("random", "kinetics") else "random"
+        model = ASClassifier(cfg.backbone, dropout=cfg.dropout, normalization=cfg.normalization, init=backbone_init)
+        if backbone_init == "random" and init != "random":
+            model.load_encoder(init)
+    return model
+
+
+def _validate(model, val: pd.DataFrame, cfg: FinetuneConfig, session: Session) -> dict[str, float]:
+    from echo.evaluation.evaluate import predict_videos, study_predictions
+    from echo.evaluation.metrics import auroc
+
+    videos = predict_videos(model, val, cfg.clip_len, cfg.val_clips, cfg.stride, session.device, batch_size=8,
+                            workers=min(cfg.loader_workers, 1), rank=session.rank, world_size=session.world_size)
+    studies = study_predictions(videos)
+    p = studies["probability"].clip(1e-6, 1 - 1e-6).to_numpy()
+    y = studies["label"].to_numpy()
+    loss = float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+    return {"val_loss": loss, "val_auroc": float(auroc(y, p))}
+
+
+def finetune_loop(config: dict[str, Any], session: Session | None = None) -> None:
+    """The per-worker (or per-trial) loop. ``config`` is a ``FinetuneConfig`` as a dict."""
+    from echo.data.dataset import LabelledClipDataset
+    from echo.data.loader import VideoLoader
+    from echo.data.manifest import load_manifest
+
+    cfg = FinetuneConfig(**config)
+    session = session or RayTrainSession()
+    device = session.device
+    torch.manual_seed(cfg.seed)
+    manifest = load_manifest(cfg.manifest)
+    train, _ = training_rows(manifest, cfg.label_fraction, cfg.subset_seed)
+    val_rows = manifest.split("val")
+    core = _build_model(cfg)
+    model = session.wrap_model(core)
+    n_pos = float((train["label"] == 1).sum())
+    pos_weight = torch.tensor((len(train) - n_pos) / max(n_pos, 1.0)) if cfg.class_weights else torch.tensor(1.0)
+    loader = VideoLoader(
+        LabelledClipDataset(train, clip_len=cfg.clip_len, stride=cfg.stride, seed=cfg.seed, augment=True),
+        batch_size=cfg.batch_size, num_workers=cfg.loader_workers, rank=session.rank, world_size=session.world_size,
+        seed=cfg.seed, sample_timeout_s=cfg.sample_timeout_s, drop_last=False,
+        max_skipped_fraction=cfg.max_skipped_fraction,
+    )
+    optimizer, scheduler = build_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.epochs,
+                                           cfg.warmup_epochs, cfg.schedule)
+    start_epoch, step, state = resume_state(session, core, optimizer, scheduler)
+    best = state["best"] if state else {"metric": None, "epoch": 0, "model": copy.deepcopy(core.state_dict()), "bad": 0}
+    logger = rank0_logger(session, cfg.tracking_uri, cfg.mlflow_run_id, key="val_auroc")
+    use_amp = cfg.amp and device.type == "cuda"
+    sign = 1.0 if cfg.monitor == "auroc" else -1.0
+    if state is not None and (start_epoch >= cfg.epochs or best["bad"] >= cfg.patience):
+        # Restored after it had finished (e.g. a resumed search): report its result again, train nothing.
+        session.report(state["metrics"], None)
+        return
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if best["bad"] >= cfg.patience:
+            break
+        frozen = epoch < cfg.freeze_epochs
+        core.freeze_backbone(frozen)
+        loader.set_epoch(epoch)
+        model.train()
+        if frozen:
+            core.backbone.eval()  # linear probe: batch-norm statistics stay as pretrained
+        sums = np.zeros(3)  # loss sum, samples, skipped
+        for batch in lockstep(loader, device):
+            clips = batch["clip"].to(device, non_blocking=True)
+            target = batch["label"].to(device).float() * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(clips).float()
+            loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight.to(device))
+            optimizer_step(model, optimizer, loss, cfg.grad_clip)
+            step += 1
+            sums += [loss.item() * len(clips), len(clips), len(batch.get("skipped", []))]
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        loss_sum, seen, skipped = all_reduce_sum(list(sums), device)
+        val = _validate(core, val_rows, cfg, session)
+        current = val["val_auroc"] if cfg.monitor == "auroc" else val["val_loss"]
+        if best["metric"] is None or sign * current > sign * best["metric"]:
+            best = {"metric": current, "epoch": epoch + 1, "model": copy.deepcopy(core.state_dict()), "bad": 0}
+        else:
+            best["bad"] += 1
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(seen, 1.0),
+            **val,
+            f"best_val_{cfg.monitor}": best["metric"],
+            "best_epoch": best["epoch"],
+            "lr": lr,
+            "skipped_videos": skipped,
+        }
+        # Every epoch is checkpointed: the best weights live in the checkpoint.
+        state_out = (training_state(core, optimizer, scheduler, epoch + 1, step, cfg, best=best, metrics=metrics)
+                     if session.rank == 0 else None)
+        session.report(metrics, state_out)
+        logger.log(metrics, epoch + 1)
+        progress(
+            f"finetune epoch {epoch + 1}/{cfg.epochs}  train loss {metrics['train_loss']:.4f}  "
+            f"val loss {val['val_loss']:.4f}  val AUROC {val['val_auroc']:.3f}  best {best['metric']:.3f} "
+            f"(epoch {best['epoch']})" + ("  [frozen backbone]" if frozen else "") + (f"  skipped {int(skipped)}" if skipped else "")
+        )
+
+
+def finalize(model, cfg: FinetuneConfig, manifest, device: torch.device, best_epoch: int,
+             out_dir: str | None = None) -> dict[str, float]:
+    """Evaluate the best weights and record them in the run ``cfg.mlflow_run_id``.
+
+    Thresholds come from the validation split; the test split (when ``cfg.evaluate_test``)
+    is evaluated once. Logs metrics with CIs, plots, predictions, the subset's salted patient
+    hashes, and the model bundle. The files are also kept in ``out_dir`` when given (else
+    written to a temporary folder, removed once logged). Returns the metrics.
+    """
+    if out_dir:
+        return _finalize_in(Path(out_dir), model, cfg, manifest, device, best_epoch)
+    with tempfile.TemporaryDirectory(prefix="echo-eval-") as folder:
+        return _finalize_in(Path(folder), model, cfg, manifest, device, best_epoch)
+
+
+def _finalize_in(folder: Path, model, cfg: FinetuneConfig, manifest, device: torch.device,
+                 best_epoch: int) -> dict[str, float]:
+    import mlflow
+
+    from echo.serve.bundle import save_bundle
+    from echo.evaluation.evaluate import (choose_thresholds, log_evaluation, predict_videos, split_report, study_predictions,
+                               summary_line, write_evaluation)
+    from echo.data.manifest import hash_ids
+    from echo.serve.registry import log_model_bundle
+    from echo.data.video import probe
+
+    tracking_uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
+    model = model.to(device).eval()
+
+    def videos_of(split: str) -> pd.DataFrame:
+        return predict_videos(model, manifest.split(split), cfg.clip_len, cfg.eval_clips, cfg.stride, device,
+                              batch_size=8, workers=min(cfg.loader_workers, 1))
+
+    val_videos = videos_of("val")
+    thresholds = choose_thresholds(study_predictions(val_videos))
+    # "val_final_*": the final weights on all evaluation clips ("val_auroc" is the per-epoch metric).
+    report = split_report(val_videos, thresholds, cfg.seed, cfg.n_resamples, prefix="val_final")
+    train, patients = training_rows(manifest, cfg.label_fraction, cfg.subset_seed)
+    report["n_train_studies"] = float(train["study_id"].nunique())
+    report["n_train_videos"] = float(len(train))
+    report["best_epoch"] = float(best_epoch)
+    files = []
+    if cfg.evaluate_test:
+        test_videos = videos_of("test")
+        report.update(split_report(test_videos, thresholds, cfg.seed, cfg.n_resamples, prefix="test"))
+        files = write_evaluation(test_videos, val_videos, thresholds, report, folder / "evaluation", "test",
+                                 cfg.seed, cfg.n_resamples)
+        progress(f"test {summary_line(report)}")
+    salt, hashes = hash_ids(patients)
+    subset = folder / "label_subset.json"
+    subset.write_text(json.dumps({"label_fraction": cfg.label_fraction, "subset_seed": cfg.subset_seed,
+                                  "salt": salt, "patient_hashes": hashes}, indent=1))
+    files.append(subset)
+    log_evaluation(tracking_uri, cfg.mlflow_run_id, report, files)
+    first = manifest.split("val")["video_uri"].iloc[0]
+    info = probe(storage.read_bytes(first), first)
+    meta = {
+        "frame_size": [info.height, info.width],
+        "label_fraction": cfg.label_fraction, "subset_seed": cfg.subset_seed, "init": cfg.init,
+        "pretrain_run_id": pretrain_run_id(cfg.init), "backbone": cfg.backbone, "clip_len": cfg.clip_len,
+        "num_clips": cfg.eval_clips, "stride": cfg.stride,
+        "threshold": min(1.0, thresholds.youden), "threshold_sens90": min(1.0, thresholds.sens90),
+        "manifest_sha256": manifest.sha256, "run_id": cfg.mlflow_run_id,
+        "val_auroc": report["val_final_auroc"],
+        **{k: report[k] for k in report if k.startswith("test_auroc") or k.startswith("n_train")},
+    }
+    bundle = save_bundle(model.cpu(), meta, str(folder / "bundle"))
+    mlflow.set_tracking_uri(tracking_uri)
+    # The fluent API refuses a run of another experiment than the process's active one.
+    mlflow.set_experiment(experiment_id=tracking.client(tracking_uri).get_run(cfg.mlflow_run_id).info.experiment_id)
+    with mlflow.start_run(run_id=cfg.mlflow_run_id):
+        log_model_bundle(bundle)
+    return report
+
+
+def finalize_checkpoint(checkpoint, overrides: dict[str, Any] | None = None) -> dict[str, float]:
+    """``finalize`` the best weights held in a fine-tuning checkpoint (a Ray ``Checkpoint``).
+
+    The run's config comes from the checkpoint; ``overrides`` replaces fields of it (the
+    MLflow run, ``evaluate_test``). Runs in the calling process, on CPU.
+    """
+    from echo.train.checkpoint import load_state
+    from echo.data.manifest import load_manifest
+    from echo.model.networks import ASClassifier
+
+    with checkpoint.as_directory() as folder:
+        state = load_state(folder)
+    cfg = FinetuneConfig(**{**json.loads(state["config"]), **(overrides or {})})
+    model = ASClassifier(cfg.backbone, dropout=cfg.dropout, normalization=cfg.normalization)
+    model.load_state_dict(state["best"]["model"])
+    return finalize(model, cfg, load_manifest(cfg.manifest), torch.device("cpu"), state["best"]["epoch"])
+
+
+def run_finetune(cfg: FinetuneConfig, ray_opts: RayOptions, resume: bool = False,
+                 ray_address: str | None = None) -> str:
+    """Validate, create (or find, with ``resume``) the MLflow run, train on Ray, evaluate the best
+    weights; return the run ID."""
+    from echo.data.manifest import absolute_uri, load_manifest
+
+    cfg.manifest = absolute_uri(cfg.manifest)
+    manifest = load_manifest(cfg.manifest)
+    train, _ = training_rows(manifest, cfg.label_fraction, cfg.subset_seed)
+    val = manifest.split("val")
+    for name, rows in (("train (label fraction)", train), ("val", val)):
+        if rows["label"].nunique() < 2:
+            raise ValueError(f"manifest {cfg.manifest}: the {name} split needs both severe and non-severe videos")
+    n_studies = int(train["study_id"].nunique())
+    run_id = open_tracked_run(cfg, ray_opts, resume, "finetune", f"finetune-{cfg.label_fraction:g}", manifest.sha256,
+                              tags={"echo.label_fraction": f"{cfg.label_fraction:g}", "echo.init": cfg.init},
+                              params={"n_train_studies": n_studies})
+    progress(f"fine-tuning {cfg.backbone} from {cfg.init} on {n_studies} training studies "
+             f"({cfg.label_fraction:g} of labels); MLflow run {run_id}")
+    fit_tracked(finetune_loop, cfg, ray_opts, ray_address, then=lambda result: finalize_checkpoint(result.checkpoint))
+    print(f"fine-tuning finished; MLflow run {run_id} (model runs:/{run_id}/model)", flush=True)
+    return run_id
