@@ -67,7 +67,6 @@ def run_demo(cfg: DemoConfig) -> int:
     from echo.train.tune import TuneConfig, run_search
 
     began = time.monotonic()
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     cfg.tracking_uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

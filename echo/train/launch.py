@@ -3,10 +3,9 @@
 
 Connecting: a running cluster (``address``) or a local one started in-process.
 
-A local Ray is single-machine by definition, so it is kept on loopback
-(``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: Ray then binds and connects on 127.0.0.1) with its
-dashboard on 127.0.0.1. A real multi-node cluster is reached through its address and is
-left as configured.
+A local Ray is single-machine by definition, so it is kept on loopback whatever the caller's
+environment (see ``_loopback_only``) with its dashboard on 127.0.0.1. A real multi-node cluster
+is reached through its address and is left as configured.
 """
 
 from __future__ import annotations
@@ -29,6 +28,8 @@ __all__ = ["connect", "TRAIN_DRIVER", "RayOptions", "fit_on_ray", "storage_for",
 
 log = logging.getLogger(__name__)
 
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
 # A custom resource for Tune trial drivers that launch Train workers (Ray's documented
 # pattern), so trials do not hold CPUs the workers need.
 TRAIN_DRIVER = "TRAIN_DRIVER"
@@ -45,7 +46,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    _loopback_only()
     cpus = num_cpus or os.cpu_count() or 1
     # A temp folder of its own: a bare ray.init() would attach to any cluster recorded in the default one.
     temp_dir = tempfile.mkdtemp(prefix="echo-ray-", dir="/tmp")
@@ -62,6 +63,23 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         _temp_dir=temp_dir,
     )
     log.info("started a local Ray on 127.0.0.1 with %d CPUs", cpus)
+
+
+def _loopback_only() -> None:
+    """Make the local Ray about to start bind, listen and connect on 127.0.0.1 only.
+
+    With ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` Ray takes 127.0.0.1 as the node address;
+    otherwise its GCS, raylet, agents and workers listen on every interface and talk through the
+    machine's external address. Ray reads the variable once, when ``ray`` is first imported, and
+    any module may have imported it before this call: so the value read is overridden in this
+    process, and the variable (overriding a caller's other value) is set for every process the
+    local Ray starts. Never called for a cluster reached by address, whose nodes must use their
+    real addresses.
+    """
+    from ray._private import ray_constants
+
+    os.environ[LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def storage_for(uri: str) -> tuple[str, Any]:
