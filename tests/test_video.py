@@ -54,6 +54,16 @@ def test_round_trip_is_frame_accurate_with_short_gop_and_no_edit_list():
         assert int(np.argmin(errors)) == want and errors[want] < 6
 
 
+@pytest.mark.parametrize("height, width", [(32, 32), (48, 96), (32, 48), (40, 112)])
+def test_every_frame_width_decodes_to_its_own_pixels(height, width):
+    # decord hands out FFmpeg's padded RGB rows as extra channels when the padded row length is a
+    # multiple of the width: (32, 32, 6) at 32 px, (H, 96, 4) at 96 px with FFmpeg 8 on AVX-512
+    frames = _frames(n=12, size=max(height, width))[:, :height, :width].copy()
+    decoded = decode_frames(encode_mp4(frames, 30.0), [0, 5, 11], "mem://v.mp4").astype(int)
+    assert decoded.shape == (3, height, width)
+    assert np.abs(decoded - frames[[0, 5, 11]]).mean() < 6
+
+
 @pytest.mark.parametrize("data,reason", [(b"", "empty"), (b"not a video at all", "not a readable video")])
 def test_decode_errors_name_the_video(data, reason):
     with pytest.raises(VideoDecodeError, match=f"s3://b/clip.mp4.*{reason}"):

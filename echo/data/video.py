@@ -64,8 +64,8 @@ def _decord():
         import decord
     except ImportError as e:  # pragma: no cover - decord is a hard dependency
         raise ImportError(
-            "decord is required to decode videos: pip install decord==0.6.0 "
-            "(x86-64 Linux wheels; on other platforms build it from source)"
+            "decord is required to decode videos: pip install 'decord2>=3.4,<4' "
+            "(the maintained decord fork; same `import decord`)"
         ) from e
     return decord
 
@@ -174,12 +174,31 @@ def _reader(data: bytes, uri: str):
         raise VideoDecodeError(uri, f"not a readable video ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
+def _rgb(frame: np.ndarray, uri: str) -> np.ndarray:
+    """decord's frame ``(H, W, C)`` as ``(H, W, 3)`` RGB, whatever padding its rows carry.
+
+    decord hands out FFmpeg's RGB24 buffer as it is when each row's length in bytes
+    (``linesize``) is a multiple of the width, shaped ``(H, W, linesize // W)``: with the row
+    alignment of FFmpeg 8 on AVX-512 machines a 32 px wide frame arrives as ``(32, 32, 6)``, 96
+    px as ``(H, 96, 4)``. Each row's first ``3 * W`` bytes are the pixels. (decord's
+    ``get_batch`` copies such frames into an ``(N, H, W, 3)`` buffer and fails on the size, so
+    frames are taken one at a time; the seek work is the same.)
+    """
+    h, w, c = frame.shape
+    if c == 3:
+        return frame
+    if c < 3:
+        raise VideoDecodeError(uri, f"the decoder returned {c} channels, not RGB")
+    return frame.reshape(h, w * c)[:, : 3 * w].reshape(h, w, 3)
+
+
 def decode_frames(data: bytes, indices: Sequence[int] | Callable[[int], Sequence[int]], uri: str) -> np.ndarray:
     """Decode only the frames at ``indices`` from MP4 bytes; returns ``(len(indices), H, W)`` uint8.
 
     ``indices`` may be a function of the video's frame count, called once the container is
     open, so a caller that needs the count to choose frames opens the video only once.
-    Raises ``VideoDecodeError`` (naming ``uri``) for an unreadable video (including a frame
+    Give distinct indices in ascending order (``echo.data.clips.decode_at`` does): each step
+    back costs a seek to a keyframe. Raises ``VideoDecodeError`` (naming ``uri``) for an unreadable video (including a frame
     decord could not decode) or an index past its end.
     """
     vr = _reader(data, uri)
@@ -192,11 +211,14 @@ def decode_frames(data: bytes, indices: Sequence[int] | Callable[[int], Sequence
     bad = [i for i in idx if i < 0 or i >= n]
     if bad:
         raise VideoDecodeError(uri, f"frame index {bad[0]} outside the video's {n} frames")
-    try:
-        batch = vr.get_batch(idx).asnumpy()
-    except Exception as e:
-        raise VideoDecodeError(uri, f"decoding frames failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    return _to_gray(batch)
+    frames = []
+    for i in idx:  # ascending distinct indices decode each frame once, seeking only across keyframes
+        try:
+            frame = vr[i].asnumpy()
+        except Exception as e:
+            raise VideoDecodeError(uri, f"decoding frames failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        frames.append(_rgb(frame, uri))
+    return _to_gray(np.stack(frames))
 
 
 def _mp4_has_edit_list(data: bytes) -> bool:
