@@ -308,6 +308,21 @@ def test_labels_file_errors_name_rows_not_values(tmp_path):
     }
 
 
+def test_headerless_labels_file_is_refused_without_showing_accessions(tmp_path, key, capfd):
+    """Issue 17, item 5: a labels CSV without its header row has accession numbers where the column
+    names belong; ``echo-ssl ingest`` refuses it naming the file and the missing columns, and no
+    accession reaches stdout or stderr (ingest writes no MLflow run)."""
+    (tmp_path / "src").mkdir()
+    labels = tmp_path / "labels.csv"
+    labels.write_text("ACC-ZZ-0012345,1\nACC-ZZ-0012346,0\n")
+    rc = run_cli([str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--labels", str(labels)])
+    captured = capfd.readouterr()
+    assert rc == 2
+    assert f"labels file {labels} lacks column(s) accession, label" in captured.err
+    assert "ACC-ZZ" not in captured.out + captured.err
+    assert not (tmp_path / "out").exists()
+
+
 def test_patient_split_is_seeded_stable_and_proportional():
     patients = [hmac_hex("patient", str(i)) for i in range(3000)]
     splits = [split_for_patient(p, (0.7, 0.1, 0.2), seed=0) for p in patients]

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO
 
 from echo.data import storage
 from echo.cli import main
@@ -111,8 +115,11 @@ def set_cell(row: int, column: str, value: str) -> Callable[[list[dict[str, str]
 
 # (name, edit of the good rows, row named, column named, words in the message)
 BAD_CASES = [
-    ("unknown split", set_cell(3, "split", "training"), 3, "split", "unknown split"),
-    ("label 2", set_cell(2, "label", "2"), 2, "label", "is not 1, 0 or empty"),
+    ("unknown split", set_cell(3, "split", "training"), 3, "split", "unknown split: text"),
+    ("split holding a patient ID", set_cell(3, "split", "PID-BRAVO-4410"), 3, "split", "unknown split: text"),
+    ("split in capitals", set_cell(3, "split", "Train"), 3, "split", "'Train' (differs from 'train' in case)"),
+    ("label holding a study ID", set_cell(4, "label", "SID-CHARLIE-1"), 4, "label", "not 1, 0 or empty: text"),
+    ("label 2", set_cell(2, "label", "2"), 2, "label", "is not 1, 0 or empty: a number"),
     ("label yes", set_cell(4, "label", "yes"), 4, "label", "is not 1, 0 or empty"),
     ("label 0.5", set_cell(6, "label", "0.5"), 6, "label", "is not 1, 0 or empty"),
     ("label -1", set_cell(7, "label", "-1"), 7, "label", "is not 1, 0 or empty"),
@@ -170,6 +177,37 @@ def test_missing_required_column(tmp_path: Path, fmt: str, capsys, column: str) 
     assert rc != 0 and out == ""
     assert f"column '{column}': missing required column" in err
     assert_no_identifiers(err)
+
+
+def test_headerless_manifest_is_refused_without_showing_its_first_row(tmp_path: Path, capsys) -> None:
+    uri = str(tmp_path / "manifest.csv")
+    Path(uri).write_text("".join(",".join(r[c] for c in COLUMNS) + "\n" for r in GOOD_ROWS))
+    rc, out, err = check(capsys, uri)
+    assert rc != 0 and out == ""
+    assert "no header row" in err and "column 'video_uri': missing required column" in err
+    assert_no_identifiers(err)
+
+
+def test_swapped_columns_stop_a_job_without_showing_the_ids(tmp_path: Path) -> None:
+    """Issue 17, item 5: a manifest whose ``split`` and ``patient_id`` columns are swapped stops
+    ``echo-ssl pretrain`` naming the row, the column and the kind of problem; no ID reaches its
+    stdout, stderr or MLflow (the job stops before it creates a run)."""
+    rows = rows_copy()
+    for r in rows:
+        r["patient_id"], r["split"] = r["split"], r["patient_id"]
+    uri = put_manifest(str(tmp_path / "data"), rows, "csv")
+    db = tmp_path / "mlflow.db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "echo.cli", "pretrain", "--manifest", uri, "--backbone", "tiny3d",
+         "--tracking-uri", f"sqlite:///{db}"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "row 1, column 'split': unknown split: text" in proc.stderr, proc.stderr[-2000:]
+    assert_no_identifiers(proc.stdout + proc.stderr)
+    assert not db.exists() and not (tmp_path / "mlruns").exists()
+    written = [f for f in tmp_path.rglob("*") if f.is_file() and f.name != "manifest.csv"]
+    assert [f for f in written if any(i.encode() in f.read_bytes() for i in SECRETS)] == []
 
 
 def test_empty_manifest(tmp_path: Path, fmt: str, capsys) -> None:

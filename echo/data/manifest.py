@@ -6,7 +6,8 @@ One row per video. Required columns: ``video_uri``, ``patient_id``, ``study_id``
 kept and ignored. CSV or Parquet, local or ``s3://``; a relative ``video_uri`` resolves
 against the manifest's own folder.
 
-Errors name the row (1-based, header excluded) and the column, never a patient identifier.
+Errors name the row (1-based, header excluded), the column and the kind of problem, never a
+patient identifier or the text of a rejected cell (a column in the wrong place may hold one).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "summary",
     "format_summary",
     "label_fraction_patients",
+    "describe_cell",
     "hash_ids",
 ]
 
@@ -125,6 +127,24 @@ def read_table(uri: str) -> tuple[pd.DataFrame, bytes]:
     return table, data
 
 
+def describe_cell(cell: str, allowed: Sequence[str] = ()) -> str:
+    """What kind of value a rejected cell holds, for an error message that must not show it (a
+    cell in the wrong column may hold a patient identifier): ``an empty cell``, ``a number``,
+    ``'Train' (differs from 'train' in case)`` for a near-miss of an ``allowed`` word
+    (shown, being only that word), else ``text``."""
+    text = str(cell).strip()
+    if text == "":
+        return "an empty cell"
+    for word in allowed:
+        if text.lower() == word:
+            return f"{text!r} (differs from {word!r} in case)"
+    try:
+        float(text)
+    except ValueError:
+        return "text (not shown: it may be an identifier)"
+    return "a number (not shown: it may be an identifier)"
+
+
 def _parse_label(cell: str) -> float | None:
     """``"1"``/``"1.0"`` -> 1.0, ``"0"`` -> 0.0, ``""`` -> NaN, anything else -> ``None``."""
     text = cell.strip()
@@ -143,7 +163,10 @@ def validate(table: pd.DataFrame, uri: str) -> tuple[list[Problem], list[Problem
     warnings: list[Problem] = []
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
-        return [Problem(f"missing required column {c!r}", column=c) for c in missing], warnings
+        problems = [Problem(f"missing required column {c!r}", column=c) for c in missing]
+        if len(missing) == len(REQUIRED_COLUMNS):
+            problems.append(Problem(f"no header row: the first row must name the columns ({', '.join(REQUIRED_COLUMNS)})"))
+        return problems, warnings
     if len(table) == 0:
         return [Problem("the manifest has no rows")], warnings
 
@@ -154,12 +177,13 @@ def validate(table: pd.DataFrame, uri: str) -> tuple[list[Problem], list[Problem
 
     split = table["split"].str.strip()
     for r, value in zip(rows[~split.isin(SPLITS).to_numpy()], split[~split.isin(SPLITS)]):
-        errors.append(Problem(f"unknown split {value!r} (expected one of {', '.join(SPLITS)})", int(r), "split"))
+        errors.append(Problem(f"unknown split: {describe_cell(value, SPLITS)} (expected one of {', '.join(SPLITS)})",
+                              int(r), "split"))
 
     labels = [_parse_label(c) for c in table["label"]]
     for r, lab, cell, sp in zip(rows, labels, table["label"], split):
         if lab is None:
-            errors.append(Problem(f"label {cell!r} is not 1, 0 or empty", int(r), "label"))
+            errors.append(Problem(f"label is not 1, 0 or empty: {describe_cell(cell)}", int(r), "label"))
         elif math.isnan(lab) and sp in LABELLED_SPLITS:
             errors.append(Problem(f"split {sp!r} needs a label (1 or 0)", int(r), "label"))
 
@@ -228,8 +252,10 @@ def load_manifest(uri: str, check_objects: bool = False) -> Manifest:
         table, data = read_table(uri)
     except FileNotFoundError as e:
         raise ManifestError(uri, [Problem(str(e))]) from None
-    except (ValueError, OSError) as e:
-        raise ManifestError(uri, [Problem(f"cannot parse: {e}")]) from None
+    except pd.errors.ParserError as e:  # pandas names lines and field counts, never cell text
+        raise ManifestError(uri, [Problem(f"cannot parse: {e}".strip())]) from None
+    except (ValueError, OSError) as e:  # other messages may quote the bytes they choked on
+        raise ManifestError(uri, [Problem(f"cannot parse ({type(e).__name__})")]) from None
     errors, warnings = validate(table, uri)
     if errors:
         raise ManifestError(uri, errors)

@@ -40,7 +40,7 @@ import pandas as pd
 
 from echo.ingest import dicom
 from echo.data import storage
-from echo.data.manifest import LABELLED_SPLITS, _parse_label
+from echo.data.manifest import LABELLED_SPLITS, _parse_label, describe_cell
 from echo.data.video import encode_mp4
 
 __all__ = [
@@ -259,14 +259,18 @@ def load_labels(uri: str, key_kind: str, column: str, key: bytes) -> dict[str, f
         raise IngestError(f"labels file {uri} cannot be read as CSV ({type(e).__name__})") from None
     missing = [c for c in (key_kind, column) if c not in table.columns]
     if missing:
-        raise IngestError(f"labels file {uri} lacks column(s) {', '.join(missing)} (has {', '.join(table.columns)})")
+        # The header is not shown: in a file without one, the first row's cells (accession
+        # numbers, study UIDs) are read as column names.
+        raise IngestError(f"labels file {uri} lacks column(s) {', '.join(missing)}: its first row must name the columns "
+                          f"(it has {len(table.columns)} column(s); names not shown, they may be IDs of a headerless file)")
     kind = "accession" if key_kind == "accession" else "study"
     labels: dict[str, float] = {}
     first_row: dict[str, int] = {}
     for row, (raw_key, cell) in enumerate(zip(table[key_kind], table[column]), start=1):
         value = _parse_label(cell)
         if value is None:
-            raise IngestError(f"labels file {uri} row {row}: label in column {column!r} is not 1, 0 or empty")
+            raise IngestError(f"labels file {uri} row {row}: label in column {column!r} is not 1, 0 or empty: "
+                              f"{describe_cell(cell)}")
         if raw_key.strip() == "":
             raise IngestError(f"labels file {uri} row {row}: empty {key_kind}")
         if np.isnan(value):
