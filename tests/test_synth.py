@@ -188,6 +188,9 @@ def test_cli_bad_flags_exit_non_zero(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "d").exists()
     with pytest.raises(SystemExit):
         main(["synth", "--out", str(tmp_path / "d"), "--patients", "2", "--seed", "0", "--splits", "0.5,0.5"])
+    with pytest.raises(SystemExit):
+        main(["synth", "--out", str(tmp_path / "d"), "--patients", "2", "--seed", "0", "--view-jitter", "large"])
+    assert "--view-jitter" in capsys.readouterr().err
 
 
 def test_cli_takes_a_yaml_config_under_flags(tmp_path: Path, capsys) -> None:
@@ -226,3 +229,69 @@ def test_example_frames(tmp_path: Path) -> None:
     images = [np.asarray(Image.open(p)) for p in paths]
     assert all(im.shape == (64, 64) and im.dtype == np.uint8 for im in images)
     assert (images[0] != images[1]).any()
+
+
+def test_view_jitter_levels_set_how_alike_a_studys_videos_are() -> None:
+    """Per study settings with per-video jitter: the spread of a setting within a study is the
+    level's jitter (``independent``: the population's), and the videos of one patient look
+    more alike than two patients' at ``moderate`` and ``small``, not at ``independent``."""
+    depth = synth.ACQUISITION["depth_cm"]
+    spread = {}
+    for level in synth.VIEW_JITTER:
+        within = []
+        for i in range(60):
+            p, study = synth.sample_patient(4, i, 0), synth.sample_study(4, i)
+            depths = [synth.sample_video(p, np.random.default_rng([4, i, v]), 64, study=study, view_jitter=level).depth_cm
+                      for v in range(4)]
+            within.append(np.std(depths, ddof=1))
+        spread[level] = float(np.mean(within))
+    population = (depth.high - depth.low) / np.sqrt(12)
+    assert spread["independent"] == pytest.approx(population, rel=0.25)
+    assert spread["moderate"] == pytest.approx(depth.moderate, rel=0.3)
+    assert spread["small"] == pytest.approx(depth.small, rel=0.3)
+
+    def clip(patient: int, video: int, level: str) -> np.ndarray:
+        p, study = synth.sample_patient(8, patient, 0), synth.sample_study(8, patient)
+        rng = np.random.default_rng([8, patient, video])
+        vp = synth.sample_video(p, rng, 64, min_frames=8, max_frames=8, study=study, view_jitter=level)
+        return synth.render_video(vp, rng)[0][:4].astype(np.float32).ravel()
+
+    def gap(level: str) -> float:
+        same = [np.corrcoef(clip(i, 0, level), clip(i, 1, level))[0, 1] for i in range(10)]
+        other = [np.corrcoef(clip(i, 0, level), clip(i + 1, 1, level))[0, 1] for i in range(10)]
+        return float(np.mean(same) - np.mean(other))
+
+    assert gap("moderate") > 0.1 and gap("moderate") > gap("independent") + 0.1
+    with pytest.raises(ValueError, match="view_jitter"):
+        synth.SynthConfig(out="x", patients=3, seed=0, view_jitter="large")
+
+
+def test_speckle_decorrelates_gradually_so_frame_order_shows() -> None:
+    """AR(1) speckle: frames further apart are less alike, lag after lag (no plateau at lag 1)."""
+    p = synth.sample_patient(0, 1, 0)
+    rng = np.random.default_rng([0, 1, 0])
+    vp = synth.sample_video(p, rng, 64, min_frames=24, max_frames=24, study=synth.sample_study(0, 1),
+                            view_jitter="moderate")
+    frames = synth.render_video(vp, rng)[0].astype(np.float32)
+    inside = frames.mean(0) > 20
+    corr = [np.mean([np.corrcoef(frames[t][inside], frames[t + lag][inside])[0, 1] for t in range(16)])
+            for lag in (1, 2, 4, 8)]
+    assert corr[0] > corr[1] > corr[2] > corr[3]
+    assert corr[0] - corr[2] > 0.03
+
+
+def test_valve_leaflets_differ_by_two_pixels_at_the_cpu_benchmark_size() -> None:
+    """The cpu label-efficiency profile draws 96 px frames at difficulty 1.25 (issue 16: the
+    severe and not-severe leaflets differ by at least 2 px there; 1.5 vs 3.6 px)."""
+    thin, thick = synth.leaflet_px_by_label(96, difficulty=1.25, patients=500)
+    assert thick - thin >= 2.0
+    small_thin, small_thick = synth.leaflet_px_by_label(64, difficulty=1.25, patients=500)
+    assert small_thick - small_thin < 2.0  # why the profile is not at 64 px
+
+
+@pytest.mark.parametrize("patients", [30, 40, 47, 60])
+def test_every_labelled_split_holds_both_classes(patients: int) -> None:
+    for seed in range(10):
+        labels, splits = synth.assign_labels_and_splits(synth.SynthConfig(out="x", patients=patients, seed=seed))
+        for name in ("train", "val", "test"):
+            assert {lab for lab, s in zip(labels, splits) if s == name} == {0, 1}, (seed, name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from echo.ingest.synth import SynthConfig, synthesize
+from echo.ingest.synth import VIEW_JITTER, SynthConfig, synthesize
 
 __all__ = ["add_arguments", "run"]
 
@@ -40,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-frames", type=int, default=d.max_frames, help=f"longest video (default: {d.max_frames})")
     p.add_argument("--difficulty", type=float, default=d.difficulty,
                    help=f"how subtle the valve signal is: > 1 harder, < 1 easier (default: {d.difficulty:g})")
+    p.add_argument("--view-jitter", choices=VIEW_JITTER, default=d.view_jitter,
+                   help="how much the videos of one study differ in acquisition settings: 'independent' draws "
+                   "every video's afresh, 'moderate' and 'small' jitter the study's settings per video "
+                   f"(docs/synth-frames.md; default: {d.view_jitter})")
     p.add_argument("--workers", type=int, default=d.workers, help=f"rendering processes (default: {d.workers})")
 
 
@@ -52,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         uri = synthesize(
             args.out, args.patients, args.seed, prevalence=args.prevalence, splits=args.splits,
             unlabeled_patients=args.unlabeled_patients, size=args.size, fps=args.fps, min_frames=args.min_frames,
-            max_frames=args.max_frames, difficulty=args.difficulty, workers=args.workers,
+            max_frames=args.max_frames, difficulty=args.difficulty, view_jitter=args.view_jitter,
+            workers=args.workers,
         )
     except (ValueError, OSError) as e:  # bad settings, or storage that cannot be written
         print(f"error: {e}", file=sys.stderr)

@@ -2,7 +2,10 @@
 
 The embedded default data set: no labelled echo data can be downloaded here, so the project
 draws its own. Each patient has one study of 1 to 4 videos that share the patient's anatomy
-and label and differ in probe angle, zoom, gain, heart rate and cardiac phase.
+and label. The acquisition settings (depth, probe angle and position, gain, dynamic range,
+sector, point-spread function, valve visibility) are drawn once per study and jittered per
+video by ``view_jitter`` (``VIEW_JITTER``: ``independent`` draws them afresh for every
+video); heart rate, cardiac phase, respiration and noise are per video at every level.
 
 Image model, per frame (all vectorised over ``(T, H, W)``):
 
@@ -13,9 +16,11 @@ Image model, per frame (all vectorised over ``(T, H, W)``):
   valve leaflets (open in systole);
 - a per-video similarity transform (probe angle, depth, position) plus cardiac and
   respiratory motion maps pixels to heart coordinates;
-- reflectivity times complex speckle that moves with the tissue (and decorrelates over
-  time), blurred by an anisotropic point-spread function; envelope, depth attenuation,
-  log compression with per-video gain and dynamic range; black outside the sector.
+- reflectivity times complex speckle that moves with the tissue (it is fixed to the heart and
+  follows its motion) and decorrelates gradually: an AR(1) process in time, correlation
+  ``rho ** lag`` between frames, so frame order shows in the texture as well as in the
+  motion; blurred by an anisotropic point-spread function; envelope, depth attenuation,
+  log compression with per-study gain and dynamic range; black outside the sector.
 
 The label lives only in the aortic valve: a per-patient severity, drawn from overlapping
 distributions for severe and not severe (separation scaled by ``difficulty``), sets leaflet
@@ -24,7 +29,8 @@ streams that never see the label, so rendering a video twice with only the label
 changes no pixel outside the valve's box (``valve_box``).
 
 Randomness: patient ``p``'s anatomy comes from ``default_rng([seed, p, ANATOMY])``, its
-valve from ``default_rng([seed, p, VALVE])``, video ``v``'s view and noise from
+valve from ``default_rng([seed, p, VALVE])``, its study's acquisition settings from
+``default_rng([seed, p, STUDY])``, video ``v``'s jitter, timing and noise from
 ``default_rng([seed, p, v])``; labels and splits from dataset-level streams. Same seed,
 same bytes.
 """
@@ -53,11 +59,16 @@ from echo.data.video import encode_mp4
 
 __all__ = [
     "SynthConfig",
+    "VIEW_JITTER",
+    "ACQUISITION",
     "PatientParams",
+    "StudyView",
     "VideoParams",
     "MANIFEST_COLUMNS",
     "sample_patient",
+    "sample_study",
     "sample_video",
+    "leaflet_px_by_label",
     "assign_labels_and_splits",
     "cardiac_timeline",
     "sector_mask",
@@ -82,6 +93,41 @@ _ANATOMY = 2**40 + 1
 _VALVE = 2**40 + 2
 _LABELS = 2**40 + 3
 _SPLITS = 2**40 + 4
+_STUDY = 2**40 + 5
+
+VIEW_JITTER = ("independent", "moderate", "small")
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """One acquisition setting: its population range (uniform, drawn per study) and the
+    standard deviation of the per-video jitter around the study's value at ``moderate`` and
+    ``small`` (clipped to the population range). Units as in ``VideoParams``."""
+
+    low: float
+    high: float
+    moderate: float
+    small: float
+
+
+# The levels' magnitudes are fixed here and justified in docs/synth-frames.md. Widths of the
+# point-spread function are in pixels at 112 px (scaled with the frame size); ``apex_frac``
+# is the apex's offset as a fraction of the frame size.
+ACQUISITION: dict[str, _Setting] = {
+    "depth_cm": _Setting(13.0, 18.0, 0.5, 0.2),
+    "angle_offset_deg": _Setting(-10.0, 10.0, 3.0, 1.0),
+    "shift_u_cm": _Setting(-0.5, 0.5, 0.15, 0.05),
+    "shift_depth_cm": _Setting(-0.6, 0.6, 0.15, 0.05),
+    "gain_db": _Setting(-4.0, 4.0, 1.0, 0.3),
+    "dynamic_range_db": _Setting(30.0, 38.0, 1.0, 0.3),
+    "half_angle_deg": _Setting(36.0, 44.0, 1.5, 0.5),
+    "apex_frac": _Setting(-0.03, 0.03, 0.005, 0.002),
+    "valve_visibility": _Setting(0.65, 1.0, 0.07, 0.02),
+    "attenuation_per_cm": _Setting(-0.05, 0.03, 0.01, 0.003),
+    "psf_lateral_px": _Setting(0.9, 1.4, 0.05, 0.02),
+    "psf_axial_px": _Setting(0.5, 0.8, 0.03, 0.01),
+    "noise_floor": _Setting(0.001, 0.005, 0.0005, 0.0002),
+}
 
 # Mean gap, in standard deviations, between the latent severity of severe and not-severe
 # patients at difficulty 1 (an ideal observer of the latent alone reaches AUROC ~0.96).
@@ -111,6 +157,7 @@ class SynthConfig:
     min_frames: int = 48
     max_frames: int = 96
     difficulty: float = 1.0
+    view_jitter: str = "moderate"
     workers: int = 1
 
     def __post_init__(self) -> None:
@@ -135,6 +182,8 @@ class SynthConfig:
             problems.append(f"difficulty must be > 0, got {self.difficulty}")
         if self.workers < 1:
             problems.append(f"workers must be >= 1, got {self.workers}")
+        if self.view_jitter not in VIEW_JITTER:
+            problems.append(f"view_jitter must be one of {', '.join(VIEW_JITTER)}, got {self.view_jitter!r}")
         if problems:
             raise ValueError("invalid synth settings: " + "; ".join(problems))
 
@@ -145,7 +194,9 @@ class PatientParams:
 
     ``severity`` in (0, 1) drives the valve: ``leaflet_cm`` (full thickness),
     ``leaflet_reflectivity`` (relative to myocardium ~0.35) and ``max_opening`` (systolic
-    gap between leaflet tips as a fraction of the aortic diameter).
+    gap between leaflet tips as a fraction of the aortic diameter). Leaflets are 0.1 cm thick
+    at severity 0 and 0.75 cm at 1 (thin normal cusps; thick, calcified severe ones), so the
+    class means differ by at least 2 px from 96 px frames up (``leaflet_px_by_label``).
     """
 
     index: int
@@ -166,6 +217,17 @@ class PatientParams:
     valve_depth_cm: float
     tissue: float
     texture: tuple[float, ...]  # two plane waves: (ku, kv, phase) * 2, in rad/cm and rad
+
+
+@dataclass(frozen=True)
+class StudyView:
+    """The acquisition settings of one study (``ACQUISITION``'s keys -> values), drawn once per
+    patient from the population ranges; each video jitters around them."""
+
+    values: tuple[tuple[str, float], ...]
+
+    def get(self, name: str) -> float:
+        return dict(self.values)[name]
 
 
 @dataclass(frozen=True)
@@ -190,7 +252,7 @@ class VideoParams:
     attenuation_per_cm: float
     psf_lateral_px: float
     psf_axial_px: float
-    speckle_memory: float
+    speckle_memory: float  # AR(1) coefficient of the speckle from one frame to the next
     noise_floor: float
     valve_visibility: float
     half_angle_deg: float
@@ -216,12 +278,27 @@ def _split_counts(n: int, fractions: Sequence[float]) -> list[int]:
     return counts
 
 
+def _stratum_counts(n: int, fractions: Sequence[float]) -> list[int]:
+    """``_split_counts``, then every split of non-zero fraction gets at least one member when
+    the stratum has enough (taken from the largest split), so that small data sets still have
+    both classes in train, val and test."""
+    counts = _split_counts(n, fractions)
+    wanted = [i for i, f in enumerate(fractions) if f > 0]
+    if n >= len(wanted):
+        for i in wanted:
+            if counts[i] == 0:
+                counts[int(np.argmax(counts))] -= 1
+                counts[i] = 1
+    return counts
+
+
 def assign_labels_and_splits(cfg: SynthConfig) -> tuple[list[int], list[str]]:
     """Label (0/1) and split of every patient, labelled ones first then ``unlabeled``.
 
     A ``round(prevalence * n)`` share is severe (at least one, and at least one not severe,
     when prevalence allows and there are two patients or more). Labelled patients are split
-    by patient, stratified by label, with largest-remainder rounding. Unlabeled patients get
+    by patient, stratified by label, with largest-remainder rounding and at least one patient
+    of each class in every split when the class has enough patients. Unlabeled patients get
     a hidden label at the same prevalence (their videos are drawn with it; the manifest
     leaves it empty).
     """
@@ -238,7 +315,7 @@ def assign_labels_and_splits(cfg: SynthConfig) -> tuple[list[int], list[str]]:
         members = np.array([i for i in range(cfg.patients) if labels[i] == lab], dtype=int)
         members = members[np.random.default_rng([cfg.seed, _SPLITS, lab]).permutation(len(members))]
         start = 0
-        for name, count in zip(_SPLIT_NAMES, _split_counts(len(members), cfg.splits)):
+        for name, count in zip(_SPLIT_NAMES, _stratum_counts(len(members), cfg.splits)):
             for i in members[start : start + count]:
                 splits[int(i)] = name
             start += count
@@ -282,7 +359,7 @@ def sample_patient(seed: int, index: int, label: int, difficulty: float = 1.0) -
         index=index,
         label=int(label),
         severity=float(severity),
-        leaflet_cm=float(max(0.06, 0.1 + 0.3 * severity + 0.03 * jitter[0])),
+        leaflet_cm=float(max(0.06, 0.1 + 0.65 * severity + 0.03 * jitter[0])),
         leaflet_reflectivity=float(max(0.4, 0.9 + 2.2 * severity + 0.2 * jitter[1])),
         max_opening=float(np.clip(0.88 - 0.58 * severity + 0.05 * jitter[2], 0.15, 0.95)),
         texture=tuple(float(x) for x in texture),
@@ -290,38 +367,68 @@ def sample_patient(seed: int, index: int, label: int, difficulty: float = 1.0) -
     )
 
 
-def sample_video(patient: PatientParams, rng: np.random.Generator, size: int = 112, fps: float = 30.0,
-                 min_frames: int = 48, max_frames: int = 96) -> VideoParams:
-    """One view of ``patient``: probe angle, zoom (depth), position, gain, timing and noise.
+def sample_study(seed: int, index: int) -> StudyView:
+    """Patient ``index``'s study: every ``ACQUISITION`` setting drawn from its population range."""
+    rng = np.random.default_rng([seed, index, _STUDY])
+    return StudyView(tuple((name, float(rng.uniform(s.low, s.high))) for name, s in ACQUISITION.items()))
 
-    Draws from ``rng`` in a fixed order that never depends on the patient's label.
+
+def sample_video(patient: PatientParams, rng: np.random.Generator, size: int = 112, fps: float = 30.0,
+                 min_frames: int = 48, max_frames: int = 96, study: StudyView | None = None,
+                 view_jitter: str = "independent") -> VideoParams:
+    """One view of ``patient``: acquisition settings, timing and noise.
+
+    With ``view_jitter="independent"`` (or no ``study``) every acquisition setting is drawn
+    afresh from its population range; otherwise it is ``study``'s value plus Gaussian jitter
+    of the level's standard deviation, clipped to the range. ``rng`` is drawn in a fixed
+    order that depends on neither the label nor the level.
     """
+    if view_jitter not in VIEW_JITTER:
+        raise ValueError(f"view_jitter must be one of {', '.join(VIEW_JITTER)}, got {view_jitter!r}")
     scale = size / 112
+    fresh = {name: float(rng.uniform(s.low, s.high)) for name, s in ACQUISITION.items()}
+    noise = {name: float(rng.standard_normal()) for name in ACQUISITION}
+    if study is None or view_jitter == "independent":
+        acq = fresh
+    else:
+        acq = {name: float(np.clip(study.get(name) + getattr(s, view_jitter) * noise[name], s.low, s.high))
+               for name, s in ACQUISITION.items()}
     return VideoParams(
         patient=patient,
         size=size,
         n_frames=int(rng.integers(min_frames, max_frames + 1)),
         fps=float(fps),
-        depth_cm=rng.uniform(13.0, 18.0),
-        angle_deg=patient.tilt_deg + float(np.clip(rng.normal(0, 6), -14, 14)),
-        shift_u_cm=rng.uniform(-0.5, 0.5),
-        shift_depth_cm=rng.uniform(-0.6, 0.6),
+        depth_cm=acq["depth_cm"],
+        angle_deg=patient.tilt_deg + acq["angle_offset_deg"],
+        shift_u_cm=acq["shift_u_cm"],
+        shift_depth_cm=acq["shift_depth_cm"],
         heart_rate_bpm=patient.heart_rate_bpm * rng.uniform(0.93, 1.07),
         phase0=rng.uniform(0, 1),
         resp_period_s=rng.uniform(3.0, 5.0),
         resp_amp_cm=rng.uniform(0.0, 0.25),
         resp_phase=rng.uniform(0, 2 * np.pi),
-        gain_db=rng.uniform(-4, 4),
-        dynamic_range_db=rng.uniform(30, 38),
-        attenuation_per_cm=rng.uniform(-0.05, 0.03),
-        psf_lateral_px=scale * rng.uniform(0.9, 1.4),
-        psf_axial_px=scale * rng.uniform(0.5, 0.8),
-        speckle_memory=rng.uniform(0.6, 0.9),
-        noise_floor=rng.uniform(0.001, 0.005),
-        valve_visibility=rng.uniform(0.65, 1.0),
-        half_angle_deg=rng.uniform(36, 44),
-        apex_y=size * rng.uniform(-0.03, 0.03),
+        gain_db=acq["gain_db"],
+        dynamic_range_db=acq["dynamic_range_db"],
+        attenuation_per_cm=acq["attenuation_per_cm"],
+        psf_lateral_px=scale * acq["psf_lateral_px"],
+        psf_axial_px=scale * acq["psf_axial_px"],
+        speckle_memory=rng.uniform(0.75, 0.92),
+        noise_floor=acq["noise_floor"],
+        valve_visibility=acq["valve_visibility"],
+        half_angle_deg=acq["half_angle_deg"],
+        apex_y=size * acq["apex_frac"],
     )
+
+
+def leaflet_px_by_label(size: int, difficulty: float = 1.0, patients: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Mean aortic leaflet thickness in pixels of not-severe and severe patients at ``size``:
+    ``leaflet_cm`` times the mean pixels per cm over the depth range (``patients`` draws)."""
+    depth = ACQUISITION["depth_cm"]
+    radius = 0.985 * (size - 1)  # the sector radius at apex offset 0 (VideoParams.radius)
+    px_per_cm = float(np.mean(radius / np.linspace(depth.low, depth.high, 101)))
+    means = [float(np.mean([sample_patient(seed, i, label, difficulty).leaflet_cm for i in range(patients)]))
+             for label in (0, 1)]
+    return means[0] * px_per_cm, means[1] * px_per_cm
 
 
 def cardiac_timeline(vp: VideoParams) -> dict[str, np.ndarray]:
@@ -627,21 +734,23 @@ def render_video(vp: VideoParams, rng: np.random.Generator) -> tuple[np.ndarray,
     refl += _f32(vp.noise_floor)
 
     # Speckle: complex noise fixed to the tissue (it moves with the heart, to the nearest
-    # pixel) mixed with fresh noise each frame, times sqrt(reflectivity), blurred by the
-    # point-spread function; ``_LOOKS`` such fields are summed in power.
+    # pixel) that evolves as an AR(1) process, x_t = rho x_{t-1} + sqrt(1 - rho^2) e_t, so its
+    # frame-to-frame correlation decays as rho ** lag; times sqrt(reflectivity), blurred by
+    # the point-spread function; ``_LOOKS`` such fields are summed in power.
     side = n + 2 * grid.pad
-    tex = rng.standard_normal((_LOOKS * 2, side, side), dtype=np.float32)
-    fresh = rng.standard_normal((t_len, 2, n, n), dtype=np.float32)
-    tex = _shifted(tex, grid.pad, shift, n, linear=False)  # (T, 2 * LOOKS, n, n)
+    rho = _f32(vp.speckle_memory)
+    renew = _f32(math.sqrt(1.0 - vp.speckle_memory**2))
+    tex = np.empty((t_len, _LOOKS * 2, side, side), dtype=np.float32)
+    tex[0] = rng.standard_normal((_LOOKS * 2, side, side), dtype=np.float32)
+    for t in range(1, t_len):
+        np.multiply(tex[t - 1], rho, out=tex[t])
+        tex[t] += renew * rng.standard_normal((_LOOKS * 2, side, side), dtype=np.float32)
+    speckle = np.stack([_shifted(tex[t], grid.pad, shift[t : t + 1], n, linear=False)[0] for t in range(t_len)])
     amp = np.sqrt(refl * _f32(0.5 / _LOOKS))[:, None]
-    keep = _f32(math.sqrt(vp.speckle_memory))
-    renew = _f32(math.sqrt(1.0 - vp.speckle_memory))
     kx, ky = _psf_kernel(vp.psf_lateral_px), _psf_kernel(vp.psf_axial_px)
     power = np.zeros_like(refl)
     for look in range(_LOOKS):
-        # Look k renews with the fresh noise of frame t + k T / LOOKS: independent within a frame.
-        f = tex[:, 2 * look : 2 * look + 2] * keep + np.roll(fresh, -look * t_len // _LOOKS, axis=0) * renew
-        f *= amp
+        f = speckle[:, 2 * look : 2 * look + 2] * amp
         f = ndimage.correlate1d(f, kx, axis=3, mode="nearest")
         f = ndimage.correlate1d(f, ky, axis=2, mode="nearest")
         f *= f
@@ -683,7 +792,8 @@ def _make_video(job: _Job) -> dict[str, str]:
     """Render, encode and store one video; returns its manifest row."""
     cfg, p = job.cfg, job.patient
     rng = np.random.default_rng([cfg.seed, p.index, job.video])
-    vp = sample_video(p, rng, cfg.size, cfg.fps, cfg.min_frames, cfg.max_frames)
+    vp = sample_video(p, rng, cfg.size, cfg.fps, cfg.min_frames, cfg.max_frames, sample_study(cfg.seed, p.index),
+                      cfg.view_jitter)
     frames, box = render_video(vp, rng)
     name = _video_name(cfg.seed, p.index, job.video)
     storage.write_bytes(storage.join(cfg.out, name), encode_mp4(frames, cfg.fps))
@@ -721,17 +831,18 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 def synthesize(out: str, patients: int, seed: int, *, prevalence: float = 0.15,
                splits: tuple[float, float, float] = (0.7, 0.1, 0.2), unlabeled_patients: int = 0,
                size: int = 112, fps: float = 30.0, min_frames: int = 48, max_frames: int = 96,
-               difficulty: float = 1.0, workers: int = 1) -> str:
+               difficulty: float = 1.0, view_jitter: str = "moderate", workers: int = 1) -> str:
     """Write a synthetic PLAX data set under ``out`` (local folder or ``s3://`` prefix).
 
     Videos go to ``out/videos/<hash>.mp4`` (H.264, ``size`` x ``size``, ``fps`` frames per
     second); ``out/manifest.csv`` is written last, with one row per video (columns
-    ``MANIFEST_COLUMNS``; ``video_uri`` relative to the manifest). ``workers`` > 1 renders in
-    that many processes. Returns the manifest's URI.
+    ``MANIFEST_COLUMNS``; ``video_uri`` relative to the manifest). ``view_jitter`` is how much a
+    study's videos differ in acquisition (``VIEW_JITTER``). ``workers`` > 1 renders in that
+    many processes. Returns the manifest's URI.
     """
     cfg = SynthConfig(out=out, patients=patients, seed=seed, prevalence=prevalence, splits=tuple(splits),
                       unlabeled_patients=unlabeled_patients, size=size, fps=fps, min_frames=min_frames,
-                      max_frames=max_frames, difficulty=difficulty, workers=workers)
+                      max_frames=max_frames, difficulty=difficulty, view_jitter=view_jitter, workers=workers)
     jobs = list(_jobs(cfg))
     start = time.perf_counter()
     if cfg.workers == 1:
@@ -763,7 +874,8 @@ def save_example_frames(out_dir: str | Path, seed: int = 2, size: int = 112) -> 
     for label, name in ((0, "synth-not-severe.png"), (1, "synth-severe.png")):
         patient = sample_patient(seed, 0, label)
         rng = np.random.default_rng([seed, 0, 0])
-        vp = sample_video(patient, rng, size=size, min_frames=48, max_frames=48)
+        vp = sample_video(patient, rng, size=size, min_frames=48, max_frames=48, study=sample_study(seed, 0),
+                          view_jitter="moderate")
         frames, _ = render_video(vp, rng)
         peak = int(np.argmax(cardiac_timeline(vp)["av_open"]))
         path = out / name
