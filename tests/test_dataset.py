@@ -204,3 +204,31 @@ def test_videos_of_other_sizes_decode_at_their_size(tmp_path):
     storage.write_bytes(uri, encode_mp4(video_frames(0, 20, size=96), fps=30))
     s = SSLClipDataset(pd.DataFrame({"video_uri": [uri]}), "simclr").sample(0, 0)
     assert s["view1"].shape == (1, 4, 96, 96)
+
+
+@pytest.mark.parametrize("method", ["simclr", "echoclr"])
+def test_decoded_cache_gives_the_same_samples_without_reading(rows, method):
+    streamed = SSLClipDataset(rows, method, clip_len=4, seed=5)
+    cached = RecordingSSL(rows, method, clip_len=4, seed=5)
+    cached.reads = []
+    stats = cached.cache_decoded(2**30)
+    assert stats.complete and stats.cached == len(rows) and stats.nbytes > 0
+    assert "does not fit" not in stats.describe(1024)
+    cached.reads = []
+    for i in range(len(rows)):
+        a, b = streamed.sample(i, 2), cached.sample(i, 2)
+        assert all(torch.equal(a[k], b[k]) for k in a), i
+    assert cached.reads == []  # every sample came from memory
+
+
+def test_decoded_cache_over_budget_streams_the_rest(rows):
+    ds = RecordingSSL(rows, "simclr", clip_len=4, seed=5)
+    ds.reads = []
+    one = SSLClipDataset(rows, "simclr").cache_decoded(2**30).nbytes / len(rows)
+    stats = ds.cache_decoded(int(2.5 * one))  # room for about two videos
+    assert 1 <= stats.cached < len(rows) and not stats.complete and stats.nbytes <= 2.5 * one
+    assert f"the other {len(rows) - stats.cached} videos are streamed" in stats.describe(1)
+    ds.reads = []
+    uncached = next(i for i, u in enumerate(rows.video_uri) if u not in ds.decoded)
+    assert torch.equal(ds.sample(uncached, 0)["view1"], SSLClipDataset(rows, "simclr", clip_len=4, seed=5).sample(uncached, 0)["view1"])
+    assert ds.reads == [rows.video_uri[uncached]]

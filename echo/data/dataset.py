@@ -10,6 +10,10 @@ A sample reads the video's compressed bytes with ``echo.data.storage.read_bytes`
 the frames it needs with ``echo.data.video.decode_frames``; the decord reader is opened per sample,
 in whichever process calls ``sample``. An optional LRU cache of compressed bytes
 (``cache_bytes``) lives in the dataset object, so each loader worker process has its own.
+``cache_decoded`` instead decodes whole videos once into memory (uint8) under a budget, so
+samples of those videos skip storage and decoding (and give the same frames); the videos
+that do not fit are streamed as before. It too lives in the dataset object: the loader's
+worker processes each receive a copy.
 
 A video that cannot be used (missing object, empty/truncated/corrupt/non-video bytes, storage
 errors after retries) raises ``SampleSkipped`` naming its URI and the reason; the loader
@@ -19,7 +23,9 @@ records it and goes on. Any other exception is a bug and propagates.
 from __future__ import annotations
 
 import math
+import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -29,12 +35,13 @@ import torch
 from echo.data import storage
 from echo.data.augment import augment_clip
 from echo.data.clips import decode_at, eval_clips, minmax, train_clip_indices
-from echo.data.video import VideoDecodeError
+from echo.data.video import VideoDecodeError, decode_frames
 
 __all__ = [
     "SSL_METHODS",
     "SampleSkipped",
     "ByteCache",
+    "DecodedCacheStats",
     "ClipDataset",
     "SSLClipDataset",
     "LabelledClipDataset",
@@ -93,6 +100,30 @@ class ByteCache:
             self.size -= len(old)
 
 
+@dataclass(frozen=True)
+class DecodedCacheStats:
+    """What ``ClipDataset.cache_decoded`` kept: videos and bytes cached, of how many videos,
+    and the seconds it took."""
+
+    cached: int
+    total: int
+    nbytes: int
+    seconds: float
+
+    @property
+    def complete(self) -> bool:
+        return self.cached == self.total
+
+    def describe(self, budget_mb: float) -> str:
+        """One progress line."""
+        head = (f"decoded-frame cache: {self.cached}/{self.total} videos, {self.nbytes / 2**20:.0f} MB of "
+                f"{budget_mb:g} MB, decoded in {self.seconds:.0f} s")
+        if self.complete:
+            return head
+        return head + (f"; the corpus does not fit, the other {self.total - self.cached} videos are streamed "
+                       "(read and decoded per sample)")
+
+
 class ClipDataset:
     """Common ground: URIs, seeded generators, cached reads and frame decoding with skips.
 
@@ -108,6 +139,7 @@ class ClipDataset:
         self.seed = int(seed)
         self.epoch = 0
         self.cache = ByteCache(cache_bytes)
+        self.decoded: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.uris)
@@ -144,9 +176,33 @@ class ClipDataset:
             self.cache.put(uri, data)
         return data
 
+    def cache_decoded(self, budget_bytes: int) -> DecodedCacheStats:
+        """Decode whole videos into memory, in row order, while they fit in ``budget_bytes``
+        (uint8 ``(T, H, W)`` each); stop at the first that does not fit. A video that cannot
+        be read or decoded is left out (its samples are skipped as usual)."""
+        started = time.perf_counter()
+        used = sum(a.nbytes for a in self.decoded.values())
+        uris = list(dict.fromkeys(self.uris.tolist()))
+        for uri in uris:
+            if uri in self.decoded:
+                continue
+            try:
+                frames = decode_frames(self.read(uri), lambda n: range(n), uri)
+            except (SampleSkipped, VideoDecodeError):
+                continue
+            if used + frames.nbytes > budget_bytes:
+                break
+            self.decoded[uri] = frames
+            used += frames.nbytes
+        return DecodedCacheStats(len(self.decoded), len(uris), used, time.perf_counter() - started)
+
     def frames(self, uri: str, choose: Callable[[int], np.ndarray]) -> np.ndarray:
         """Decode the frames ``choose(n_frames)`` picks (``echo.data.clips.decode_at``); ``(T, H, W)``
-        uint8 for a ``(T,)`` choice. ``SampleSkipped`` on failure."""
+        uint8 for a ``(T,)`` choice; from the decoded-frame cache when the video is there.
+        ``SampleSkipped`` on failure."""
+        cached = self.decoded.get(uri)
+        if cached is not None:
+            return cached[np.asarray(choose(len(cached)), dtype=np.int64)]
         data = self.read(uri)
         try:
             return decode_at(data, uri, choose)
