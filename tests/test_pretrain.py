@@ -102,3 +102,13 @@ def test_bad_manifest_stops_before_ray_starts(tmp_path):
 
     with pytest.raises(ManifestError, match="row 1.*split"):
         run_pretrain(_config(str(bad), tmp_path), RayOptions(workers=1))
+
+
+def test_pretraining_reports_its_gates_and_decoded_cache(pretrain_run, tracking_uri):
+    """The shared in-process run (conftest): gates on the validation patients at the probe
+    epoch, and the whole corpus in the decoded-frame cache."""
+    metrics = tracking.client(tracking_uri).get_run(pretrain_run).data.metrics
+    assert 0 < metrics["gate_retrieval_chance"] < 1 and 0 <= metrics["gate_retrieval_top1"] <= 1
+    assert metrics["gate_order_chance"] == pytest.approx(1 / 24) and 0 <= metrics["gate_order_top1"] <= 1
+    assert metrics["gate_valve_probe_r2"] <= 1  # the synthetic manifest has valve_severity
+    assert metrics["decoded_cache_fraction"] == 1.0 and metrics["decoded_cache_mb"] > 0

@@ -27,6 +27,9 @@ HELP = {
     "sample_timeout_s": "seconds before a hung decode is abandoned and its video skipped",
     "max_skipped_fraction": "stop when more than this fraction of an epoch's videos cannot be decoded",
     "cache_mb": "in-memory cache of compressed videos per decoding process (MiB)",
+    "cache_decoded_mb": "decode the videos once into memory, up to this many MiB per training worker (each loader "
+                        "process gets a copy: use --loader-workers 0 with it); videos past the budget are streamed "
+                        "(0: off)",
     "checkpoint_every": "epochs between checkpoints",
     "probe_every": "epochs between linear-probe AUROCs on val (0: never)",
     "amp": "bf16 autocast and channels_last_3d on CUDA",

@@ -2,9 +2,11 @@
 
 ``run_pretrain(config)`` is the job (CLI ``echo-ssl pretrain`` and ``jobs/pretrain.py``):
 it validates the manifest, creates or finds the MLflow run, and launches
-``pretrain_loop`` on Ray Train workers. Each worker streams SSL pairs from storage, computes
+``pretrain_loop`` on Ray Train workers. Each worker streams SSL pairs from storage (or from a decoded-frame cache), computes
 NT-Xent over the global batch (embeddings gathered with gradients), plus frame-order
-cross-entropy for EchoCLR, and reports once per epoch; rank 0 writes checkpoints and MLflow.
+cross-entropy for EchoCLR, and reports once per epoch; rank 0 writes checkpoints and MLflow,
+and at each probe epoch measures on the validation patients whether the objective was learned
+(``echo.evaluation.gates``: same-patient retrieval, frame order, valve-severity probe).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from echo import tracking
+from echo.evaluation.gates import gate_metrics, gate_summary
 from echo.train.checkpoint import checkpoint_due, resume_state, training_state
 from echo.train.distributed import all_reduce_sum, lockstep
 from echo.train.launch import RayOptions, fit_tracked, open_tracked_run
@@ -61,6 +64,7 @@ class PretrainConfig:
     sample_timeout_s: float = 60.0
     max_skipped_fraction: float = 0.01
     cache_mb: int = 0
+    cache_decoded_mb: int = 0  # decoded-frame cache budget (MiB); 0 = stream every sample
     checkpoint_every: int = 1
     probe_every: int = 5
     amp: bool = True  # bf16 autocast and channels_last_3d, on CUDA only
@@ -74,6 +78,8 @@ class PretrainConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if isinstance(self.splits, str):
             self.splits = [s.strip() for s in self.splits.split(",") if s.strip()]
+        if self.cache_decoded_mb < 0:
+            raise ValueError(f"cache_decoded_mb must be >= 0, got {self.cache_decoded_mb}")
         for name in ("epochs", "batch_size", "clip_len", "stride", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -125,6 +131,13 @@ def pretrain_loop(config: dict[str, Any], session: Session | None = None) -> Non
     rows = manifest.split(*cfg.splits)
     dataset = SSLClipDataset(rows, method=cfg.method, clip_len=cfg.clip_len, stride=cfg.stride, seed=cfg.seed,
                              cache_bytes=cfg.cache_mb * 2**20)
+    cache_metrics: dict[str, float] = {}
+    if cfg.cache_decoded_mb:
+        stats = dataset.cache_decoded(cfg.cache_decoded_mb * 2**20)
+        progress(stats.describe(cfg.cache_decoded_mb) + (
+            f"; each of the {cfg.loader_workers} loader processes holds a copy" if cfg.loader_workers else ""))
+        cache_metrics = {"decoded_cache_videos": float(stats.cached), "decoded_cache_fraction": stats.cached / stats.total,
+                         "decoded_cache_mb": stats.nbytes / 2**20}
     loader = VideoLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.loader_workers, rank=session.rank,
                          world_size=session.world_size, seed=cfg.seed, sample_timeout_s=cfg.sample_timeout_s,
                          drop_last=True, max_skipped_fraction=cfg.max_skipped_fraction)
@@ -190,10 +203,18 @@ def pretrain_loop(config: dict[str, Any], session: Session | None = None) -> Non
         }
         if frame_order:
             metrics["frame_order_top1"] = order_sum / batches
+        if epoch == start_epoch:
+            metrics.update(cache_metrics)
+        gate_line = ""
         if session.rank == 0 and cfg.probe_every and ((epoch + 1) % cfg.probe_every == 0 or epoch + 1 == cfg.epochs):
             probe = _probe_auc(core, manifest, cfg, device)
             if probe is not None:
                 metrics["probe_val_auroc"] = probe
+            val = manifest.split("val")
+            if len(val):
+                gates = gate_metrics(core, val, cfg.clip_len, device)
+                metrics.update({f"gate_{k}": v for k, v in gates.items() if np.isfinite(v)})
+                gate_line = "  " + gate_summary(gates)
         state = None
         if session.rank == 0 and checkpoint_due(epoch, cfg.epochs, cfg.checkpoint_every):
             state = training_state(core, optimizer, scheduler, epoch + 1, step, cfg)
@@ -203,6 +224,7 @@ def pretrain_loop(config: dict[str, Any], session: Session | None = None) -> Non
             f"pretrain epoch {epoch + 1}/{cfg.epochs}  loss {metrics['loss']:.4f}  top1 {metrics['contrastive_top1']:.3f}"
             + (f"  order {metrics['frame_order_top1']:.3f}" if frame_order else "")
             + (f"  probe AUROC {metrics['probe_val_auroc']:.3f}" if "probe_val_auroc" in metrics else "")
+            + gate_line
             + f"  {metrics['clips_per_s']:.0f} clips/s  data wait {100 * metrics['data_wait_fraction']:.0f}%"
             + (f"  skipped {int(skipped)}" if skipped else "")
         )
