@@ -10,11 +10,13 @@ trial) can write to a run that the driver created.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import unquote, urlsplit
 
 __all__ = [
     "DEFAULT_EXPERIMENT",
@@ -30,19 +32,50 @@ __all__ = [
     "scrub",
 ]
 
+log = logging.getLogger(__name__)
+
 DEFAULT_EXPERIMENT = "echo-ssl"
 _SECRET = re.compile(r"(?i)(secret|password|token|access_key|credential|session_key)")
 _URI_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """``uri``, else ``MLFLOW_TRACKING_URI``, else the embedded SQLite store in the working folder."""
+    """``uri``, else ``MLFLOW_TRACKING_URI``, else the embedded SQLite store in the working folder.
+
+    The URI returned never holds credentials: it is what job configs, Ray checkpoints, Tune's
+    ``params.json`` / ``tuner.pkl`` and MLflow params keep. A ``user:password@`` in an ``http(s)``
+    URI is moved into ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` of this process
+    (MLflow reads them; a local Ray started afterwards inherits them), and ``MLFLOW_TRACKING_URI``,
+    when it was the source, is rewritten without them. Other schemes with credentials (a database
+    URI) are refused: their password would be copied wherever the URI goes.
+    """
+    from_env = not uri
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    if _URI_USERINFO.search(uri):
+        uri = _move_credentials_to_env(uri)
+        if from_env:
+            os.environ["MLFLOW_TRACKING_URI"] = uri
     return uri
+
+
+def _move_credentials_to_env(uri: str) -> str:
+    """``uri`` without its ``user[:password]@``, which goes to MLflow's credential variables."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"the tracking URI {scrub(uri)} carries credentials; only an http(s) MLflow server's may "
+                         "(they are moved to MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD): give the store's "
+                         "password another way, or put an MLflow server in front of it")
+    if parts.username:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username)
+    if parts.password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    log.warning("the MLflow tracking URI carried credentials: they were moved to MLFLOW_TRACKING_USERNAME / "
+                "MLFLOW_TRACKING_PASSWORD for this process; set those (or ~/.mlflow/credentials) instead")
+    return scrub(uri)
 
 
 def client(tracking_uri: str):

@@ -104,3 +104,41 @@ def test_interrupted_search_resumes_without_repeating_finished_trials(
         assert epochs(after[trial]) == logged, f"finished trial {trial} trained again"
     assert all(r.info.status == "FINISHED" for r in children)
     assert len(pd.read_csv(tmp_path / "out" / "label_efficiency.csv")) == 1
+
+
+def test_tracking_uri_credentials_are_moved_to_the_environment(monkeypatch, caplog):
+    """A ``user:password@`` in the tracking URI goes to MLflow's credential variables; the URI that
+    configs and Ray storage keep has none. A database URI with a password is refused."""
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "someone-else")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "old")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://env-user:env%40pw@mlflow.example/")
+    assert tracking.resolve_tracking_uri("https://al:p%3Ass@mlflow.example:5000/x") == "https://mlflow.example:5000/x"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("al", "p:ss")
+    assert tracking.resolve_tracking_uri() == "https://mlflow.example/" == os.environ["MLFLOW_TRACKING_URI"]
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "env@pw"
+    with pytest.raises(ValueError, match="carries credentials") as info:
+        tracking.resolve_tracking_uri("postgresql://u:dbsecret@db.example/mlflow")
+    assert "dbsecret" not in str(info.value)
+    assert "pw" not in caplog.text and "p:ss" not in caplog.text
+
+
+def test_search_keeps_tracking_credentials_out_of_storage(ray_cluster, mlflow_server, synth_small, tmp_path,
+                                                          monkeypatch):
+    """Issue 17, item 8: a search logging to a server through a URI with a password leaves the
+    password in no file of its storage (``params.json``, ``tuner.pkl``, experiment state,
+    checkpoints), of its output, or of the MLflow server's store."""
+    from echo.cli import main
+
+    password = "PW-echo17-Zq8xK"
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, "unset")  # restored after the test; the search overwrites them
+    monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")  # as outside the tests: params.json and .pkl too
+    uri = mlflow_server.url.replace("http://", f"http://echo-user:{password}@")
+    args = _args(synth_small, uri, tmp_path, "with-credentials", fractions="1.0", inits="random",
+                 **{"num-samples": "1", "max-concurrent": "1", "epochs": "1", "scheduler": "fifo"})
+    assert main(["tune", *args]) == 0
+    written = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert {"tuner.pkl", "params.json", "params.pkl"} <= {f.name for f in written}
+    assert [str(f) for f in written if password.encode() in f.read_bytes()] == []
+    assert password.encode() not in mlflow_server.db.read_bytes()
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == password  # where MLflow reads it from instead
