@@ -4,7 +4,10 @@
   ``ray`` package (draft-07), and passes Ray's own offline preparation and checks (the ones
   ``ray up`` runs before touching AWS);
 - it holds no AWS keys, session tokens or other secrets (S3 access is by instance profile);
-- its node types, pinned install, and the environment its start commands give Ray;
+- its node types, install pinned to a commit, and the environment its start commands give Ray;
+- its network (issue 17, item 10): no public addresses, the user's security groups only (SSH to the
+  head from one CIDR), IMDSv2 required, encrypted volumes; and docs/cluster.md passes the ID key as a
+  file on S3 and uses MLflow over HTTPS;
 - every example config is accepted by the command that reads it.
 """
 
@@ -15,7 +18,6 @@ import json
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -37,7 +39,8 @@ SECRET_PATTERNS = [
     r"(?i)ray_auth_token\s*[=:]",
     r"(?i)password\s*[=:]",
     r"\b(AKIA|ASIA)[0-9A-Z]{16}\b",  # access key IDs
-    r"(?<![A-Za-z0-9/+])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])",  # secret-access-key shaped strings
+    # secret-access-key shaped strings (40 lower-case hex digits are a commit, not a key)
+    r"(?<![A-Za-z0-9/+])(?![0-9a-f]{40}(?![A-Za-z0-9/+]))[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])",
 ]
 
 
@@ -109,11 +112,92 @@ def test_node_types(cluster):
         assert profile.get("Name") or profile.get("Arn"), f"node type {name} has no IAM instance profile for S3"
 
 
-def test_setup_installs_the_pinned_release(cluster):
-    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+def test_setup_installs_a_pinned_commit(cluster):
+    """A commit, not a tag or branch: the code every node runs cannot be moved under the cluster."""
     installs = [c for c in cluster["setup_commands"] if re.search(r"pip install .*echo-ssl", c)]
     assert len(installs) == 1
-    assert re.search(rf"echo-ssl(==|\s*@\s*git\+\S+@v){re.escape(version)}\b", installs[0]), installs[0]
+    assert re.search(r'"echo-ssl @ git\+https://\S+\.git@[0-9a-f]{40}"', installs[0]), installs[0]
+
+
+def _node_configs(cluster) -> dict[str, dict]:
+    return {name: t["node_config"] for name, t in cluster["available_node_types"].items()}
+
+
+def test_no_node_has_a_public_address(cluster):
+    assert cluster["provider"]["use_internal_ips"] is True
+    for name, node in _node_configs(cluster).items():
+        interfaces = node.get("NetworkInterfaces")
+        assert interfaces, f"node type {name}: no NetworkInterfaces (the subnet would decide the public IP)"
+        for ni in interfaces:
+            assert ni["AssociatePublicIpAddress"] is False, name
+            assert ni["SubnetId"].startswith("subnet-") and ni["Groups"], name
+
+
+def test_security_groups_are_the_users_and_ssh_reaches_only_the_head(cluster, monkeypatch):
+    """Every node type names its security groups, so Ray's bootstrap creates none (its default
+    group opens SSH to 0.0.0.0/0); workers are only in the cluster group, the head adds the SSH
+    group; nothing in the file opens an address range to the internet. Ray's own bootstrap steps
+    (interfaces -> groups) run on the prepared config with AWS pointed at a closed port: creating
+    a group would fail the test."""
+    from ray.autoscaler._private.aws import config as aws_config
+    from ray.autoscaler._private.util import prepare_config
+
+    from conftest import free_port
+
+    assert "security_group" not in cluster["provider"]
+    assert not re.search(r"0\.0\.0\.0/0|::/0", yaml.safe_dump(cluster))  # comments aside
+    head = cluster["head_node_type"]
+    groups = {name: {g for ni in node["NetworkInterfaces"] for g in ni["Groups"]}
+              for name, node in _node_configs(cluster).items()}
+    workers = [g for name, g in groups.items() if name != head]
+    assert len({frozenset(g) for g in workers}) == 1  # one cluster group shared by all workers
+    assert workers[0] < groups[head]  # the head: the cluster group plus the SSH group
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    prepared = aws_config._configure_from_network_interfaces(prepare_config(copy.deepcopy(cluster)))
+    for name, t in prepared["available_node_types"].items():
+        assert set(t["node_config"]["SecurityGroupIds"]) == groups[name]
+    assert aws_config._configure_security_group(prepared) == prepared
+
+
+def test_imdsv2_is_required_on_every_node(cluster):
+    for name, node in _node_configs(cluster).items():
+        options = node.get("MetadataOptions", {})
+        assert options.get("HttpTokens") == "required", name
+        assert options.get("HttpPutResponseHopLimit", 1) == 1, name
+
+
+def test_every_ebs_volume_is_encrypted(cluster):
+    for name, node in _node_configs(cluster).items():
+        volumes = [m["Ebs"] for m in node.get("BlockDeviceMappings", []) if "Ebs" in m]
+        assert volumes, name
+        assert all(v.get("Encrypted") is True for v in volumes), name
+
+
+DOCS = REPO / "docs" / "cluster.md"
+
+
+def test_docs_open_ssh_only_from_the_admin_cidr():
+    """The documented security groups: SSH from $ADMIN_CIDR to the head group, everything else only
+    from the cluster group itself."""
+    text = DOCS.read_text().replace("\\\n", " ")
+    rules = [line for line in text.splitlines() if "authorize-security-group-ingress" in line]
+    assert len(rules) == 2
+    ssh = [r for r in rules if "--cidr" in r]
+    assert len(ssh) == 1 and re.search(r'--protocol tcp --port 22 --cidr "\$ADMIN_CIDR"', ssh[0])
+    (internal,) = [r for r in rules if r not in ssh]
+    assert re.search(r'--group-id "\$CLUSTER_SG" .*UserIdGroupPairs=\[\{GroupId=\$CLUSTER_SG\}\]', internal)
+
+
+def test_docs_pass_the_id_key_as_a_file_and_mlflow_over_https():
+    text = DOCS.read_text().replace("\\\n", " ")
+    ingests = [line for line in text.splitlines() if "ray job submit" in line and "echo-ssl ingest" in line]
+    assert ingests and all(re.search(r"--id-key-file s3://\S+", line) for line in ingests)
+    for match in re.finditer(r"--runtime-env-json\s+'([^']*)'", text):
+        assert "ECHO_SSL_ID_KEY" not in match.group(1) and "PASSWORD" not in match.group(1).upper()
+    uris = re.findall(r"MLFLOW_TRACKING_URI=(\S+)", text) + re.findall(r"--tracking-uri\s+\"?(\S+)", text)
+    remote = [u for u in uris if not u.startswith(("sqlite:", '"sqlite:'))]
+    assert remote and all(u.startswith("https://") for u in remote), remote
 
 
 def test_start_commands_give_ray_the_tracking_uri_and_token_mode(cluster, tmp_path):
@@ -139,11 +223,12 @@ def test_start_commands_give_ray_the_tracking_uri_and_token_mode(cluster, tmp_pa
             subprocess.run(["bash", "-c", command], env=env, check=True)
         seen = record.read_text()
         uri = re.search(r"^MLFLOW_TRACKING_URI=(\S+)$", seen, re.M)
-        assert uri and uri.group(1).startswith(("http://", "https://")), key
+        assert uri and uri.group(1).startswith("https://"), key
         assert re.search(r"^RAY_AUTH_MODE=token$", seen, re.M), key
     head_start = " ".join(cluster["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start
     assert "~/.ray/auth_token" in cluster["file_mounts"]
+    assert "~/.mlflow/credentials" in cluster["file_mounts"]  # MLflow's password: a file, not the URI
 
 
 # command words for each example config (local-X uses X's command)

@@ -288,6 +288,13 @@ def test_ingest_refuses_without_a_key(tmp_path, s3_bucket, monkeypatch, capfd):
     written = [p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert written and not any(KEY.encode() in data for data in written)
 
+    # The cluster way (docs/cluster.md): the key is an object on S3, read with the node's role.
+    storage.write_bytes(f"s3://{s3_bucket}/secrets/id.key", (KEY + "\n").encode())
+    from_s3 = ingest(IngestOptions(src=str(tmp_path / "src"), out=str(tmp_path / "out-s3"),
+                                   id_key_file=f"s3://{s3_bucket}/secrets/id.key"))
+    assert from_s3.rows == 1
+    assert (tmp_path / "out-s3" / "manifest.csv").read_text() == (tmp_path / "out" / "manifest.csv").read_text()
+
 
 def test_labels_file_errors_name_rows_not_values(tmp_path):
     path = tmp_path / "labels.csv"
