@@ -88,6 +88,9 @@ def test_gate_passed_thresholds() -> None:
     assert gates.gate_passed("mi-simclr", {**good, "order_top1": 0.0})
     assert not gates.gate_passed("simclr", {**good, "retrieval_top1": 0.2})
     assert not gates.gate_passed("echoclr", {})
+    # Against a random-init baseline that already retrieves as well, the gate fails.
+    assert not gates.gate_passed("mi-simclr", good, baseline={"retrieval_top1": 0.5})
+    assert gates.gate_passed("mi-simclr", good, baseline={"retrieval_top1": 0.3})
 
 
 def test_gate_metrics_on_real_videos(synth_small: str) -> None:

@@ -1,7 +1,7 @@
-"""Smoke run of the label-efficiency benchmark's functions on a tiny synthetic set.
+"""Smoke run of the label-efficiency benchmark (issue 16) on a tiny synthetic set, and its statistics.
 
-Real components throughout: echo.ingest.synth data on disk, in-process pretraining and fine-tuning
-of tiny3d, MLflow on a local SQLite store.
+Real components throughout: echo.ingest.synth data on disk, in-process pretraining from the
+decoded-frame cache, gates, probe and fine-tuning readouts of tiny3d, MLflow on a local SQLite store.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -18,71 +19,109 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import label_efficiency as le  # noqa: E402
 
 from echo import tracking  # noqa: E402
+from echo.evaluation.gates import retrieval_top1  # noqa: E402
+from echo.evaluation.metrics import auroc  # noqa: E402
 
 
 def _tiny() -> le.Profile:
     quick = le.quick_profile(le.PROFILES["cpu"], patients=40)
     return dataclasses.replace(
-        quick, name="cpu-test", unlabeled_patients=10, size=32, min_frames=8, max_frames=10, pretrain_batch=8,
-        pretrain_clip_len=3, ft_clip_len=4, ft_stride=1, ft_batch=8, ft_epochs=((1.0, 1),), probe_every=0,
-        val_clips=1, eval_clips=1, n_resamples=50,
+        quick, name="cpu-test", unlabeled_patients=10, size=32, min_frames=8, max_frames=10, pretrain_steps=2,
+        counts=(6, 0), draws=(3, 1), ft_counts=(6,), ft_draws=(1,), ft_steps_per_epoch=1, ft_batch=4,
+        n_resamples=50,
     )
 
 
-def test_smoke_run_writes_table_and_logs_one_parent_run(tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    table, parent = le.run_benchmark(_tiny(), tmp_path / "out", uri, methods=("echoclr",), fractions=(0.5, 1.0))
+@pytest.fixture(scope="module")
+def result(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("le")
+    return le.run_benchmark(_tiny(), out / "out", f"sqlite:///{out / 'mlflow.db'}", methods=("echoclr",))
 
-    assert list(table.columns) == list(le.TABLE_COLUMNS)
-    assert {(r.init, r.label_fraction) for r in table.itertuples()} == {
-        (i, f) for i in ("random", "echoclr") for f in (0.5, 1.0)
-    }
-    assert ((table["ci_low"] <= table["auroc"]) & (table["auroc"] <= table["ci_high"])).all()
-    # Nested subsets: half the labels means fewer training studies than all of them.
-    n = table.groupby("label_fraction")["n_train_studies"].first()
-    assert 0 < n[0.5] < n[1.0]
-    csv = tmp_path / "out" / "label_efficiency_cpu-test.csv"
-    assert pd.read_csv(csv)["run_id"].tolist() == table["run_id"].tolist()
-    md = (tmp_path / "out" / "label_efficiency_cpu-test.md").read_text()
-    assert "| echoclr |" in md and "goal_met" in md
 
-    c = tracking.client(uri)
-    results = {f.path for f in c.list_artifacts(parent, "results")}
-    assert results == {f"results/label_efficiency_cpu-test.{ext}" for ext in ("csv", "md", "png")}
+def test_three_files_with_the_issue_columns(result) -> None:
+    files = result["files"]
+    rows = pd.read_csv(files[".csv"])
+    assert list(rows.columns) == list(le.ROW_COLUMNS)
+    assert set(rows["init"]) == {"random", "echoclr"} and set(rows["readout"]) == {"probe", "finetune"}
+    # Same draws for every init: 3 draws at 6 studies and 1 at all (20 train patients), probe; 1 fine-tune draw.
+    probe = rows[rows["readout"] == "probe"]
+    assert probe.groupby("init").size().to_dict() == {"random": 4, "echoclr": 4}
+    assert sorted(probe["n_labelled_studies"].unique()) == [6, 20]
+    assert (probe.groupby(["n_labelled_studies", "subset_seed"])["n_positive"].nunique() == 1).all()
+    assert rows["test_auroc"].between(0, 1).all()
+    summary = pd.read_csv(files["_summary.csv"])
+    assert list(summary.columns) == list(le.SUMMARY_COLUMNS)
+    assert ((summary["auroc_ci_low"] <= summary["auroc_mean"]) & (summary["auroc_mean"] <= summary["auroc_ci_high"])).all()
+    assert summary.loc[summary["init"] == "random", "delta_vs_random"].isna().all()
+    gates = pd.read_csv(files["_gates.csv"])
+    assert list(gates.columns) == list(le.GATE_COLUMNS)
+    assert gates["method"].tolist() == ["random", "echoclr"]
+    echo = gates.set_index("method").loc["echoclr"]
+    assert echo["pretrain_steps"] >= 2 and echo["order_chance"] == pytest.approx(1 / 24)
+    assert 0 < echo["retrieval_chance"] < 1
+    md = files[".md"].read_text()
+    assert "Decision rules (written before the run started)" in md and "Wall time" in md and "commit" in md
+    assert files[".png"].stat().st_size > 0
+
+
+def test_paired_difference_matches_a_direct_computation(result) -> None:
+    """delta_vs_random = the mean over draws of AUROC(echoclr, draw) - AUROC(random, draw)."""
+    rows, summary = result["rows"], result["summary"]
+    for readout, n in (("probe", 6), ("probe", 20), ("finetune", 6)):
+        pick = rows[(rows["readout"] == readout) & (rows["n_labelled_studies"] == n)]
+        a = pick[pick["init"] == "echoclr"].sort_values("subset_seed")["test_auroc"].to_numpy()
+        b = pick[pick["init"] == "random"].sort_values("subset_seed")["test_auroc"].to_numpy()
+        cell = summary[(summary["init"] == "echoclr") & (summary["readout"] == readout)
+                       & (summary["n_labelled_studies"] == n)].iloc[0]
+        assert cell["delta_vs_random"] == pytest.approx(np.mean(a - b))
+        assert cell["auroc_mean"] == pytest.approx(np.mean(a))
+        assert cell["draws"] == len(a)
+
+
+def test_one_mlflow_parent_run_holds_the_results(result) -> None:
+    uri = result["files"][".md"].parent.parent / "mlflow.db"
+    c = tracking.client(f"sqlite:///{uri}")
+    parent = result["parent"]
     assert c.get_run(parent).info.status == "FINISHED"
+    names = {f.path for f in c.list_artifacts(parent, "results")}
+    assert {f"results/label_efficiency_cpu-test{k}" for k in (".csv", "_summary.csv", "_gates.csv", ".md", ".png")} <= names
+    assert "results/decision_rules.md" in names
     children = c.search_runs([c.get_run(parent).info.experiment_id],
                              filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
-    names = {r.info.run_name for r in children}
-    assert names == {"pretrain-echoclr", *(f"finetune-{i}-{f:g}" for i in ("random", "echoclr") for f in (0.5, 1.0))}
-    pretrain = next(r for r in children if r.info.run_name == "pretrain-echoclr")
-    assert {f.path for f in c.list_artifacts(pretrain.info.run_id, "encoder")} >= {"encoder/encoder.pt"}
-    cell = next(r for r in children if r.info.run_name == "finetune-echoclr-1")
-    assert cell.data.metrics["test_auroc"] == pytest.approx(
-        float(table.query("init == 'echoclr' and label_fraction == 1.0")["auroc"].iloc[0]))
-    assert cell.data.params["init"] == f"runs:/{pretrain.info.run_id}"
+    assert {r.info.run_name for r in children} == {"pretrain-echoclr"}
 
 
-def _row(init: str, label_fraction: float, auroc: float, half: float = 0.03) -> dict:
-    return {"init": init, "label_fraction": label_fraction, "auroc": auroc, "ci_low": auroc - half,
-            "ci_high": auroc + half}
+def test_gate_and_subset_draws_on_known_cases() -> None:
+    patients = np.repeat(np.arange(10), 2)
+    assert retrieval_top1(np.eye(10)[patients], patients)[0] == 1.0
+    train = pd.DataFrame({"patient_id": [f"p{i}" for i in range(40)], "label": [1.0] * 10 + [0.0] * 30})
+    draws = le.subset_draws(train, (6, 12, 0), (3, 3, 1), seed=0)
+    assert sorted(draws) == [(6, 0), (6, 1), (6, 2), (12, 0), (12, 1), (12, 2), (40, 0)]
+    for d in range(3):
+        assert set(draws[(6, d)]) < set(draws[(12, d)])  # nested
+        assert sum(p in {f"p{i}" for i in range(10)} for p in draws[(6, d)]) == 2  # round(6 * 0.25), stratified
+    assert draws[(6, 0)] != draws[(6, 1)]
 
 
-def test_goal_check_needs_gain_separation_and_ordering() -> None:
-    rows = [_row("random", 0.01, 0.60), _row("simclr", 0.01, 0.65), _row("mi-simclr", 0.01, 0.70),
-            _row("echoclr", 0.01, 0.75), _row("random", 0.05, 0.70), _row("simclr", 0.05, 0.72),
-            _row("mi-simclr", 0.05, 0.74), _row("echoclr", 0.05, 0.76)]
-    goal = le.goal_check(pd.DataFrame(rows))
-    assert goal["echoclr_gain_1pct"] == pytest.approx(0.15)
-    assert goal["echoclr_ci_separated_1pct"] and goal["ordering_0.01"] and goal["ordering_0.05"]
-    assert goal["goal_met"]
+def test_decision_needs_gate_gain_interval_ordering_and_task_range() -> None:
+    def cell(init, readout, n, mean, delta=np.nan, low=np.nan):
+        return {"init": init, "readout": readout, "n_labelled_studies": n, "draws": 20, "auroc_mean": mean,
+                "auroc_ci_low": mean - 0.05, "auroc_ci_high": mean + 0.05, "delta_vs_random": delta,
+                "delta_ci_low": low, "delta_ci_high": np.nan}
 
-    # Wider CIs at 1%: the same gain no longer separates the intervals.
-    wide = pd.DataFrame([_row(r["init"], r["label_fraction"], r["auroc"], 0.08 if r["label_fraction"] == 0.01 else 0.03)
-                         for r in rows])
-    assert not le.goal_check(wide)["echoclr_ci_separated_1pct"] and not le.goal_check(wide)["goal_met"]
-
-    swapped = pd.DataFrame(rows).replace({"init": {"simclr": "mi-simclr", "mi-simclr": "simclr"}})
-    assert le.goal_check(swapped)["ordering_0.01"] is False
-
-    partial = le.goal_check(pd.DataFrame(rows[:1]))
-    assert partial["echoclr_gain_1pct"] is None and partial["goal_met"] is False
+    summary = pd.DataFrame([
+        cell("random", "probe", 6, 0.6), cell("simclr", "probe", 6, 0.65, 0.05, 0.01),
+        cell("mi-simclr", "probe", 6, 0.7, 0.1, 0.05), cell("echoclr", "probe", 6, 0.75, 0.15, 0.08),
+        cell("random", "probe", 12, 0.62), cell("simclr", "probe", 12, 0.66, 0.04, 0.0),
+        cell("mi-simclr", "probe", 12, 0.7, 0.08, 0.03), cell("echoclr", "probe", 12, 0.76, 0.14, 0.06),
+        cell("random", "finetune", 500, 0.9),
+    ])
+    gates = pd.DataFrame({"method": ["echoclr"], "passed": [True]})
+    assert le.decide(summary, gates, (6, 12))["goal_met"]
+    assert le.decide(summary, gates.assign(passed=False), (6, 12))["verdict"].startswith("inconclusive")
+    low = summary.copy()
+    low.loc[(low["init"] == "echoclr") & (low["n_labelled_studies"] == 6), "delta_ci_low"] = -0.01
+    assert le.decide(low, gates, (6, 12))["verdict"].startswith("effect absent")
+    easy = summary.copy()
+    easy.loc[easy["readout"] == "finetune", "auroc_mean"] = 0.99
+    assert not le.decide(easy, gates, (6, 12))["goal_met"]

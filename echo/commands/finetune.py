@@ -20,6 +20,8 @@ HELP = {
     "class_weights": "weight positives by the class balance",
     "freeze_epochs": "epochs of linear probing (frozen backbone) before full fine-tuning",
     "patience": "epochs without validation improvement before stopping",
+    "steps_per_epoch": "batches per epoch drawn with replacement from the labelled videos (0: one pass over them)",
+    "cache_decoded_mb": "decode the training videos once into memory, up to this many MiB (0: off)",
     "monitor": "validation metric for early stopping: auroc or loss",
     "val_clips": "clips per video in the per-epoch validation",
     "eval_clips": "clips per video in the final evaluation",

@@ -48,6 +48,8 @@ __all__ = [
     "bootstrap_distribution",
     "bootstrap_auroc_ci",
     "percentile_interval",
+    "auroc_rows",
+    "draw_bootstrap",
     "delong_auroc_variance",
     "delong_ci",
     "roc_band",
@@ -393,6 +395,57 @@ def percentile_interval(samples: np.ndarray, level: float = 0.95) -> tuple[float
     alpha = (1.0 - level) / 2.0
     low, high = np.percentile(samples, [100.0 * alpha, 100.0 * (1.0 - alpha)])
     return float(low), float(high)
+
+
+def auroc_rows(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """AUROC of each row of ``scores`` ``(R, N)`` against labels ``y`` ``(N,)`` (Mann-Whitney
+    with mid-ranks, ties counted one half; repeated cases allowed): ``(R,)``."""
+    yb = _check_labels(y).astype(bool)
+    n_pos, n_neg = int(yb.sum()), int((~yb).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"AUROC needs both classes; got {n_pos} positive(s) and {n_neg} negative(s)")
+    ranks = stats.rankdata(np.atleast_2d(scores), axis=1)
+    return (ranks[:, yb].sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def draw_bootstrap(y: np.ndarray, scores: np.ndarray, reference: np.ndarray | None = None,
+                   n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """Mean AUROC over subset draws, and its paired difference to a reference, with intervals
+    from one bootstrap over draws and test cases together.
+
+    ``scores`` ``(D, N)``: the test scores of ``D`` models (one per training-subset draw) on the
+    same ``N`` cases with labels ``y``; ``reference`` ``(D, N)``: the reference model trained on
+    the same draws (paired). Each resample draws ``D`` draws with replacement and the cases
+    stratified by class with replacement, and recomputes the mean AUROC (and the mean paired
+    difference) on them. Returns ``auroc_mean, auroc_ci_low, auroc_ci_high`` and, with a
+    reference, ``delta, delta_ci_low, delta_ci_high`` (``delta`` = mean over draws of
+    AUROC(scores_d) - AUROC(reference_d)). With ``D = 1`` only the cases are resampled.
+    """
+    scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    yb = _check_labels(y).astype(bool)
+    d = scores.shape[0]
+    own = auroc_rows(yb, scores)
+    out = {"auroc_mean": float(own.mean())}
+    ref = None if reference is None else np.atleast_2d(np.asarray(reference, dtype=np.float64))
+    if ref is not None:
+        if ref.shape != scores.shape:
+            raise ValueError(f"reference scores must have the shape of scores {scores.shape}, got {ref.shape}")
+        out["delta"] = float((own - auroc_rows(yb, ref)).mean())
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(yb), np.flatnonzero(~yb)
+    means, deltas = np.empty(n_resamples), np.empty(n_resamples)
+    for b in range(n_resamples):
+        cases = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        draws = rng.integers(0, d, size=d) if d > 1 else np.zeros(1, dtype=int)
+        yy = yb[cases]
+        a = auroc_rows(yy, scores[draws][:, cases])
+        means[b] = a.mean()
+        if ref is not None:
+            deltas[b] = (a - auroc_rows(yy, ref[draws][:, cases])).mean()
+    out["auroc_ci_low"], out["auroc_ci_high"] = percentile_interval(means, level)
+    if ref is not None:
+        out["delta_ci_low"], out["delta_ci_high"] = percentile_interval(deltas, level)
+    return out
 
 
 def bootstrap_auroc_ci(

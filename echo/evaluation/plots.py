@@ -38,6 +38,7 @@ __all__ = [
     "plot_pr",
     "plot_calibration",
     "plot_label_efficiency",
+    "plot_label_curves",
 ]
 
 LABEL_EFFICIENCY_COLUMNS = ("init", "label_fraction", "auroc", "ci_low", "ci_high")
@@ -194,4 +195,41 @@ def plot_label_efficiency(table: pd.DataFrame, path: str, title: str = "Label ef
     ax.set(xlabel="labelled training data (log scale)", ylabel="test AUROC (95% CI)", title=title)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
+    _save(fig, path)
+
+
+def plot_label_curves(summary: pd.DataFrame, path: str, title: str = "Label efficiency") -> None:
+    """Test AUROC against the number of labelled training studies (log x-axis), one panel per
+    readout, one line per initialisation with its 95% CI band.
+
+    ``summary``: one row per (init, readout, n_labelled_studies) with ``auroc_mean``,
+    ``auroc_ci_low`` and ``auroc_ci_high``. Lines keep the order in which inits first appear.
+    """
+    needed = {"init", "readout", "n_labelled_studies", "auroc_mean", "auroc_ci_low", "auroc_ci_high"}
+    missing = sorted(needed - set(summary.columns))
+    if missing:
+        raise ValueError(f"label-curve summary: missing column(s) {missing}")
+    readouts = list(dict.fromkeys(summary["readout"]))
+    inits = list(dict.fromkeys(summary["init"]))
+    fig = _figure(5.5 * len(readouts), 4.2)
+    for k, readout in enumerate(readouts):
+        ax = fig.add_subplot(1, len(readouts), k + 1)
+        part = summary[summary["readout"] == readout]
+        for i, init in enumerate(inits):
+            rows = part[part["init"] == init].sort_values("n_labelled_studies")
+            if not len(rows):
+                continue
+            x = rows["n_labelled_studies"].to_numpy(dtype=float)
+            ax.fill_between(x, rows["auroc_ci_low"], rows["auroc_ci_high"], color=f"C{i}", alpha=0.15, lw=0)
+            ax.plot(x, rows["auroc_mean"], marker="o", color=f"C{i}", lw=1.6, label=str(init))
+        counts = np.sort(part["n_labelled_studies"].unique())
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(counts))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([str(int(c)) for c in counts], fontsize=8)
+        ax.axhline(0.5, color="0.6", lw=0.8, ls="--")
+        ax.set(xlabel="labelled training studies (log scale)", ylabel="test AUROC, mean over draws (95% CI)",
+               title=f"{title}: {readout}")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
     _save(fig, path)

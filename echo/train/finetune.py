@@ -40,6 +40,7 @@ __all__ = [
     "pretrain_run_id",
     "resolve_init",
     "training_rows",
+    "resample_rows",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ class FinetuneConfig:
     sample_timeout_s: float = 60.0
     max_skipped_fraction: float = 0.01
     cache_mb: int = 0
+    cache_decoded_mb: int = 0  # decoded-frame cache of the training videos (MiB); 0 = stream
+    steps_per_epoch: int = 0  # > 0: each epoch is this many batches drawn with replacement (any subset size)
     amp: bool = True
     evaluate_test: bool = True
     tracking_uri: str | None = None
@@ -95,6 +98,9 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "clip_len", "stride", "patience", "val_clips", "eval_clips"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("steps_per_epoch", "cache_decoded_mb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @property
     def normalization(self) -> str:
@@ -132,6 +138,13 @@ def resolve_init(init: str, tracking_uri: str | None) -> Iterator[str]:
         if digest != meta["sha256"]:
             raise ValueError(f"--init {init}: encoder.pt SHA-256 {digest[:12]} does not match encoder.json")
         yield str(weights)
+
+
+def resample_rows(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """``n`` rows drawn from ``rows`` with replacement (seeded): a fixed number of optimiser
+    steps whatever the number of labelled videos."""
+    pick = np.random.default_rng([seed, len(rows), n]).integers(0, len(rows), size=n)
+    return rows.iloc[pick].reset_index(drop=True)
 
 
 def training_rows(manifest, label_fraction: float, subset_seed: int) -> tuple[pd.DataFrame, list[str]]:
@@ -179,13 +192,18 @@ def finetune_loop(config: dict[str, Any], session: Session | None = None) -> Non
     torch.manual_seed(cfg.seed)
     manifest = load_manifest(cfg.manifest)
     train, _ = training_rows(manifest, cfg.label_fraction, cfg.subset_seed)
+    if cfg.steps_per_epoch:
+        train = resample_rows(train, cfg.steps_per_epoch * cfg.batch_size * session.world_size, cfg.seed)
     val_rows = manifest.split("val")
     core = _build_model(cfg)
     model = session.wrap_model(core)
     n_pos = float((train["label"] == 1).sum())
     pos_weight = torch.tensor((len(train) - n_pos) / max(n_pos, 1.0)) if cfg.class_weights else torch.tensor(1.0)
+    dataset = LabelledClipDataset(train, clip_len=cfg.clip_len, stride=cfg.stride, seed=cfg.seed, augment=True)
+    if cfg.cache_decoded_mb:
+        progress(dataset.cache_decoded(cfg.cache_decoded_mb * 2**20).describe(cfg.cache_decoded_mb))
     loader = VideoLoader(
-        LabelledClipDataset(train, clip_len=cfg.clip_len, stride=cfg.stride, seed=cfg.seed, augment=True),
+        dataset,
         batch_size=cfg.batch_size, num_workers=cfg.loader_workers, rank=session.rank, world_size=session.world_size,
         seed=cfg.seed, sample_timeout_s=cfg.sample_timeout_s, drop_last=False,
         max_skipped_fraction=cfg.max_skipped_fraction,
