@@ -19,8 +19,10 @@ kept-alive connections; moto's server closes every connection, so here each GET 
 one). The script also prints the CPU cost of one GET that way against boto3's ``get_object``.
 
 For 4-frame MI-SimCLR pairs (two videos of a study per pair) and 16-frame fine-tuning clips.
-Prints clips per CPU-second (process CPU time) for each, then, as the last line, the ratio
-ours/reference.
+Prints clips per CPU-second (process CPU time) for each, then the ratio ours/reference; then a
+separate section (``decoded_cache_section``): the decoded-frame cache of ``echo-ssl pretrain
+--cache-decoded-mb`` (videos decoded once into memory, clips augmented from it) against
+streaming from local files, same datasets and seeds, with the CPU model.
 
     python benchmarks/data_throughput.py [--patients 8] [--pairs 200] [--clips 120] [--rounds 5] [--corpus DIR]
 """
@@ -296,7 +298,43 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         moto.terminate()
         moto.wait(timeout=15)
+    decoded_cache_section(local, a.pairs, a.clips, a.rounds, a.seed)
     return 0
+
+
+def decoded_cache_section(rows: pd.DataFrame, pairs: int, clips: int, rounds: int, seed: int) -> dict[str, float]:
+    """Clips per CPU-second from the decoded-frame cache (``ClipDataset.cache_decoded``) against
+    streaming (read + decode per sample) from local files, for 4-frame MI-SimCLR pairs and
+    16-frame clips, measured in interleaved rounds in this process (1 torch thread). Prints the
+    rates, the CPU model and the ratios; returns the rates."""
+    torch.set_num_threads(1)
+    ssl = lambda: SSLClipDataset(rows, "mi-simclr", clip_len=4, seed=seed)  # noqa: E731
+    fine = lambda: LabelledClipDataset(rows, clip_len=16, seed=seed)  # noqa: E731
+    cached_ssl, cached_fine = ssl(), fine()
+    start = time.process_time()
+    stats = cached_ssl.cache_decoded(2**32)
+    cached_fine.decoded = cached_ssl.decoded  # the same videos, decoded once
+    fill_s = time.process_time() - start
+    arms = {
+        "4-frame, streaming (local files)": ours(ssl(), 2),
+        "4-frame, decoded-frame cache": ours(cached_ssl, 2),
+        "16-frame, streaming (local files)": ours(fine(), 1),
+        "16-frame, decoded-frame cache": ours(cached_fine, 1),
+    }
+    for it in arms.values():
+        next(it)
+    samples = {name: pairs * 2 if name.startswith("4") else clips for name in arms}
+    rate = measure(arms, samples, rounds)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown")
+    print(f"decoded-frame cache ({stats.cached} videos, {stats.nbytes / 2**20:.0f} MB, filled in {fill_s:.1f} CPU-s) "
+          f"vs streaming, 1 torch thread, CPU {cpu}:")
+    for name, value in rate.items():
+        print(f"{name:<34} {value:8.1f} clips per CPU-second")
+    print("ratio decoded cache / streaming: "
+          + ", ".join(f"{k} {rate[f'{k}, decoded-frame cache'] / rate[f'{k}, streaming (local files)']:.1f}x"
+                      for k in ("4-frame", "16-frame")))
+    return rate
 
 
 if __name__ == "__main__":
