@@ -54,6 +54,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from echo import tracking  # noqa: E402
+from echo.data.dataset import SSL_METHODS  # noqa: E402
 from echo.data.manifest import Manifest, load_manifest  # noqa: E402
 from echo.evaluation.evaluate import predict_videos, study_predictions  # noqa: E402
 from echo.evaluation.gates import gate_metrics, gate_passed, held_out_outputs  # noqa: E402
@@ -85,7 +86,7 @@ __all__ = [
     "main",
 ]
 
-METHODS = ("simclr", "mi-simclr", "echoclr")
+METHODS = SSL_METHODS
 INITS = ("random", *METHODS)
 EXPERIMENT = "echo-ssl-benchmark"
 ROW_COLUMNS = ("init", "readout", "n_labelled_studies", "n_positive", "subset_seed", "test_auroc")

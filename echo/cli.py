@@ -11,6 +11,7 @@ import logging
 import sys
 from typing import Sequence
 
+from echo import __version__
 from echo.config import ConfigError, apply_config, load_config
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -48,8 +49,6 @@ def build_parser(
     listed with their help), so ``echo-ssl --help`` or ``echo-ssl synth`` does not import
     torch and Ray for commands it will not run; ``only=()`` builds no leaf's options.
     """
-    from echo import __version__
-
     parser = argparse.ArgumentParser(
         prog="echo-ssl",
         description="Self-supervised echocardiogram learning and severe aortic stenosis detection.",

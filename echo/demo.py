@@ -15,6 +15,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ray
+
+from echo import tracking
+from echo.data import storage
+from echo.data.manifest import format_summary, load_manifest
+from echo.explain.attribution import explain_videos, region_boxes
+from echo.ingest.synth import synthesize
+from echo.serve.predict import load_model
+from echo.serve.registry import DEFAULT_NAME, pull
+from echo.serve.registry import format_summary as registry_summary
+from echo.train.launch import RayOptions, connect
+from echo.train.pretrain import PretrainConfig, run_pretrain
+from echo.train.tune import TuneConfig, run_search
+
 __all__ = ["DemoConfig", "run_demo"]
 
 log = logging.getLogger(__name__)
@@ -36,7 +50,7 @@ class DemoConfig:
     finetune_epochs: int = 5
     fractions: list[str] = field(default_factory=lambda: ["0.25", "1.0"])
     trials: int = 3
-    model_name: str = "echo-severe-as"
+    model_name: str = DEFAULT_NAME
     tracking_uri: str | None = None
 
 
@@ -51,21 +65,6 @@ def _done(start: float) -> None:
 
 def run_demo(cfg: DemoConfig) -> int:
     """Run every stage; print where the results are. Returns 0."""
-    import ray
-
-    from echo.data import storage
-    from echo import tracking
-    from echo.explain.attribution import explain_videos
-    from echo.data.manifest import format_summary, load_manifest
-    from echo.serve.predict import load_model
-    from echo.train.pretrain import PretrainConfig, run_pretrain
-    from echo.train.launch import connect
-    from echo.serve.registry import format_summary as registry_summary
-    from echo.serve.registry import pull
-    from echo.ingest.synth import synthesize
-    from echo.train.launch import RayOptions
-    from echo.train.tune import TuneConfig, run_search
-
     began = time.monotonic()
     cfg.tracking_uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
     out = Path(cfg.out).resolve()
@@ -124,8 +123,6 @@ def run_demo(cfg: DemoConfig) -> int:
     _done(t)
 
     t = _step(6, "saliency GIFs for those videos (SmoothGrad)")
-    from echo.explain.attribution import region_boxes
-
     table = explain_videos(model, picks["video_uri"].tolist(), str(out / "saliency"), "smoothgrad",
                            region_boxes(picks, "valve"))
     print(f"   saliency energy on the aortic valve: {table['region_share'].mean():.2f} "

@@ -11,7 +11,7 @@ from corpus import video_frames, write_corpus
 from echo.data import storage
 from echo.data.clips import eval_clips, minmax
 from echo.data.dataset import ByteCache, EvalClipDataset, LabelledClipDataset, SampleSkipped, SSLClipDataset
-from echo.train.losses import permutations
+from echo.data.order import permutations
 from echo.data.video import encode_mp4
 
 

@@ -17,7 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from conftest import free_port
 from echo.train import distributed
-from echo.train.losses import MAX_ORDER_CLIP_LEN, NTXentLoss, frame_order_loss, permutations
+from echo.data.order import MAX_ORDER_CLIP_LEN, permutations
+from echo.train.losses import NTXentLoss, frame_order_loss
 
 
 def reference_ntxent(z0: torch.Tensor, z1: torch.Tensor, temperature: float) -> tuple[torch.Tensor, float]:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from echo import load_model
-from echo.serve import registry
+from echo.serve import pyfunc, registry
 from echo.data import storage
 from echo.serve.bundle import BundleIntegrityError, file_sha256, save_bundle
 from echo.cli import main
@@ -50,7 +50,7 @@ def log_run(bundle_dir: str) -> str:
     mlflow.set_experiment("echo-ssl-registry-tests")
     with mlflow.start_run():
         mlflow.log_params({"lr": 1e-4, "label_fraction": 0.05, "backbone": "tiny3d"})
-        return registry.log_model_bundle(bundle_dir)
+        return pyfunc.log_model_bundle(bundle_dir)
 
 
 def cli_process(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -24,7 +24,7 @@ from echo.serve import registry
 from echo.data import storage
 from echo.serve.bundle import save_bundle
 from echo.model.networks import ASClassifier
-from echo.serve.pyfunc import ALLOWED_PREFIXES_ENV, URINotAllowedError, allowed_prefixes, check_allowed
+from echo.serve.pyfunc import ALLOWED_PREFIXES_ENV, URINotAllowedError, allowed_prefixes, check_allowed, log_model_bundle
 from echo.data.video import encode_mp4
 
 
@@ -77,7 +77,7 @@ def test_models_serve_matches_predict(mlflow_server, s3_bucket, tmp_path, monkey
     try:
         mlflow.set_experiment("echo-ssl-serving-tests")
         with mlflow.start_run():
-            registry.register(registry.log_model_bundle(bundle), name=name)
+            registry.register(log_model_bundle(bundle), name=name)
     finally:
         mlflow.set_tracking_uri(None)
     model_uri = f"models:/{name}@champion"

@@ -46,6 +46,7 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Here, not at the top: scoring needs torch, which `echo-ssl predict --help` does without.
     from echo.serve.predict import load_model, study_table
 
     manifests = list(args.manifest) + [v for v in args.videos if v.lower().endswith(_MANIFEST_SUFFIXES)]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 
 from echo.commands._options import add_config_arguments, add_ray_arguments, config_from_args, ray_options_from_args
-from echo.train.pretrain import METHODS, PretrainConfig, run_pretrain
+from echo.data.dataset import SSL_METHODS
+from echo.train.pretrain import PretrainConfig, run_pretrain
 
 HELP = {
     "manifest": "manifest URI (CSV/Parquet, local or s3://)",
-    "method": f"one of {', '.join(METHODS)}",
+    "method": f"one of {', '.join(SSL_METHODS)}",
     "backbone": "r3d_18, r2plus1d_18, mc3_18 or tiny3d",
     "backbone_init": "random, kinetics, or a state-dict file (local or s3://)",
     "splits": "manifest splits to pretrain on",

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from echo.data.manifest import load_manifest
+from echo.explain.attribution import explain_videos, region_boxes, sample_studies
 from echo.explain.saliency import METHODS
+from echo.serve.predict import load_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,10 +26,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from echo.explain.attribution import explain_videos, region_boxes, sample_studies
-    from echo.data.manifest import load_manifest
-    from echo.serve.predict import load_model
-
     if bool(args.videos) == bool(args.manifest):
         print("error: give either videos or --manifest", file=sys.stderr)
         return 2

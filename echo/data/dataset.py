@@ -35,6 +35,7 @@ import torch
 from echo.data import storage
 from echo.data.augment import augment_clip
 from echo.data.clips import decode_at, eval_clips, minmax, train_clip_indices
+from echo.data.order import permutations
 from echo.data.video import VideoDecodeError, decode_frames
 
 __all__ = [
@@ -229,7 +230,7 @@ class SSLClipDataset(ClipDataset):
       a study with one video pairs it with itself), each with its own random clip and
       augmentation.
     - ``echoclr``: as ``mi-simclr``, then each view's frames are reordered by one of the
-      ``clip_len!`` permutations of ``echo.train.losses.permutations``; its row is the label.
+      ``clip_len!`` permutations of ``echo.data.order.permutations``; its row is the label.
 
     Sample: ``view1``, ``view2`` float32 ``(1, T, H, W)`` in ``[0, 1]`` (``T = clip_len``);
     ``order1``, ``order2`` int64 permutation labels (-1 unless ``echoclr``); ``index`` int64.
@@ -253,8 +254,6 @@ class SSLClipDataset(ClipDataset):
         self.stride = int(stride)
         self.perms: np.ndarray | None = None
         if method == "echoclr":
-            from echo.train.losses import permutations
-
             self.perms = permutations(self.clip_len).numpy()
         self.partners: list[np.ndarray] = []
         if method != "simclr":

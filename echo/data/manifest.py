@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from echo.data import storage
+from echo.data.video import KEYFRAME_INTERVAL, MAX_KEYFRAME_INTERVAL_OK, VideoDecodeError, probe
 
 __all__ = [
     "REQUIRED_COLUMNS",
@@ -33,6 +34,7 @@ __all__ = [
     "Manifest",
     "Problem",
     "load_manifest",
+    "inspect_manifest_objects",
     "read_table",
     "absolute_uri",
     "validate",
@@ -245,7 +247,7 @@ def validate(table: pd.DataFrame, uri: str) -> tuple[list[Problem], list[Problem
 def load_manifest(uri: str, check_objects: bool = False) -> Manifest:
     """Read and validate the manifest at ``uri``; raise ``ManifestError`` listing every problem.
 
-    With ``check_objects``, every video is probed in storage (see ``echo.data.video.inspect``);
+    With ``check_objects``, every video is probed in storage (see :func:`inspect_manifest_objects`);
     missing or unreadable videos and long GOPs become warnings.
     """
     try:
@@ -270,10 +272,41 @@ def load_manifest(uri: str, check_objects: bool = False) -> Manifest:
             table[col] = pd.to_numeric(table[col].replace("", np.nan), errors="coerce")
     manifest = Manifest(uri=uri, table=table, sha256=hashlib.sha256(data).hexdigest(), warnings=warnings)
     if check_objects:
-        from echo.data.video import inspect_manifest_objects
-
         manifest.warnings.extend(inspect_manifest_objects(manifest))
     return manifest
+
+
+def inspect_manifest_objects(manifest: Manifest) -> list[Problem]:
+    """Warnings for a manifest's videos: missing, unreadable, frame count unlike the manifest's,
+    long GOP, or an edit list; each names its row."""
+    problems = []
+    has_n = "n_frames" in manifest.table.columns
+    for rec in manifest.table.itertuples(index=False):
+        uri = rec.video_uri
+        try:
+            info = probe(storage.read_bytes(uri), uri)
+        except FileNotFoundError:
+            problems.append(Problem(f"video not found: {uri}", rec.row, "video_uri"))
+            continue
+        except (VideoDecodeError, OSError) as e:
+            problems.append(Problem(str(e), rec.row, "video_uri"))
+            continue
+        if has_n and not np.isnan(rec.n_frames) and int(rec.n_frames) != info.n_frames:
+            problems.append(
+                Problem(f"{uri} has {info.n_frames} frames, the manifest says {int(rec.n_frames)}", rec.row, "n_frames")
+            )
+        if info.keyframe_interval > MAX_KEYFRAME_INTERVAL_OK:
+            problems.append(
+                Problem(
+                    f"{uri} has keyframes {info.keyframe_interval} frames apart (slow seeking; re-encode with "
+                    f"a keyframe every {KEYFRAME_INTERVAL} frames)",
+                    rec.row,
+                    "video_uri",
+                )
+            )
+        if info.has_edit_list:
+            problems.append(Problem(f"{uri} has an MP4 edit list (decord may return wrong frames)", rec.row, "video_uri"))
+    return problems
 
 
 def summary(manifest: Manifest) -> pd.DataFrame:

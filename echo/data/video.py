@@ -27,7 +27,6 @@ __all__ = [
     "encode_mp4",
     "decode_frames",
     "probe",
-    "inspect_manifest_objects",
 ]
 
 KEYFRAME_INTERVAL = 8
@@ -262,39 +261,3 @@ def probe(data: bytes, uri: str) -> VideoInfo:
         keyframe_interval=int(gap),
         has_edit_list=_mp4_has_edit_list(data),
     )
-
-
-def inspect_manifest_objects(manifest) -> list:
-    """Warnings for a manifest's videos: missing, unreadable, frame count unlike the manifest's,
-    long GOP, or an edit list. Returns ``echo.data.manifest.Problem`` objects naming rows."""
-    from echo.data import storage
-    from echo.data.manifest import Problem
-
-    problems = []
-    has_n = "n_frames" in manifest.table.columns
-    for rec in manifest.table.itertuples(index=False):
-        uri = rec.video_uri
-        try:
-            info = probe(storage.read_bytes(uri), uri)
-        except FileNotFoundError:
-            problems.append(Problem(f"video not found: {uri}", rec.row, "video_uri"))
-            continue
-        except (VideoDecodeError, OSError) as e:
-            problems.append(Problem(str(e), rec.row, "video_uri"))
-            continue
-        if has_n and not np.isnan(rec.n_frames) and int(rec.n_frames) != info.n_frames:
-            problems.append(
-                Problem(f"{uri} has {info.n_frames} frames, the manifest says {int(rec.n_frames)}", rec.row, "n_frames")
-            )
-        if info.keyframe_interval > MAX_KEYFRAME_INTERVAL_OK:
-            problems.append(
-                Problem(
-                    f"{uri} has keyframes {info.keyframe_interval} frames apart (slow seeking; re-encode with "
-                    f"a keyframe every {KEYFRAME_INTERVAL} frames)",
-                    rec.row,
-                    "video_uri",
-                )
-            )
-        if info.has_edit_list:
-            problems.append(Problem(f"{uri} has an MP4 edit list (decord may return wrong frames)", rec.row, "video_uri"))
-    return problems

@@ -23,7 +23,14 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
+from echo import tracking
+from echo.data.dataset import EvalClipDataset
+from echo.data.loader import VideoLoader
+from echo.data.manifest import load_manifest
 from echo.evaluation import metrics as M
+from echo.evaluation import plots
+from echo.explain.attribution import explain_videos, region_boxes, sample_studies
+from echo.serve.predict import load_model
 
 __all__ = [
     "Thresholds",
@@ -51,9 +58,6 @@ class Thresholds:
 
 def _eval_batches(rows: pd.DataFrame, clip_len: int, num_clips: int, stride: int, batch_size: int, workers: int,
                   rank: int, world_size: int):
-    from echo.data.dataset import EvalClipDataset
-    from echo.data.loader import VideoLoader
-
     dataset = EvalClipDataset(rows, clip_len=clip_len, num_clips=num_clips, stride=stride)
     # Evaluation must see every video: no skip budget beyond the whole split, no drop_last.
     loader = VideoLoader(dataset, batch_size=batch_size, num_workers=workers, rank=rank, world_size=world_size,
@@ -198,8 +202,6 @@ def write_evaluation(videos: pd.DataFrame, val_videos: pd.DataFrame | None, thre
                      report: dict[str, float], out_dir: str | os.PathLike, prefix: str = "test",
                      seed: int = 0, n_resamples: int = 2000) -> list[Path]:
     """Write the predictions CSVs (hashed study IDs) and the ROC, PR and calibration plots."""
-    from echo.evaluation import plots
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     studies = study_predictions(videos)
@@ -222,8 +224,6 @@ def write_evaluation(videos: pd.DataFrame, val_videos: pd.DataFrame | None, thre
 def log_evaluation(tracking_uri: str, run_id: str, report: dict[str, float], files: list[Path],
                    artifact_path: str = "evaluation") -> None:
     """Metrics (one batch) and files (plots, predictions) into an MLflow run."""
-    from echo import tracking
-
     tracking.log_metrics(tracking_uri, run_id, report, step=0)
     c = tracking.client(tracking_uri)
     with tempfile.TemporaryDirectory() as folder:
@@ -253,11 +253,6 @@ def evaluate_model(
     that many studies (seeded sample) and, where the manifest has ``valve_*`` boxes, the
     valve-energy share against the area baseline.
     """
-    from echo import tracking
-    from echo.explain.attribution import explain_videos, region_boxes, sample_studies
-    from echo.data.manifest import load_manifest
-    from echo.serve.predict import load_model
-
     manifest = load_manifest(manifest_uri)
     model = load_model(model_uri, tracking_uri=tracking_uri)
     meta = model.meta

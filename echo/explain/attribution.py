@@ -14,8 +14,10 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
 from echo.data import storage
+from echo.data.video import probe
 from echo.explain.saliency import Box, area_share, region_energy_share, saliency_map, scale_box
 from echo.explain.render import write_gif, write_strip
 
@@ -65,9 +67,6 @@ def explain_videos(
     ``gif``, ``strip``, ``probability`` and, with ``boxes`` (video pixels), ``region_share``
     (saliency energy inside the box) and ``area_share`` (the uniform-map baseline).
     """
-    import torch
-
-    from echo.data.video import probe
 
     records = []
     for i, uri in enumerate(uris):

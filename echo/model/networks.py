@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from echo.data import storage
-from echo.train.losses import MAX_ORDER_CLIP_LEN
+from echo.data.order import MAX_ORDER_CLIP_LEN
 
 __all__ = [
     "BACKBONES",

@@ -27,6 +27,8 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from echo.version import __version__
+
 if TYPE_CHECKING:
     from echo.model.networks import ASClassifier
 
@@ -71,8 +73,6 @@ class BundleIntegrityError(BundleError):
 
 def code_version() -> str:
     """``echo.__version__``, plus ``+g<commit>`` (and ``.dirty``) when the code is a git checkout."""
-    from echo import __version__
-
     root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(
@@ -134,7 +134,7 @@ def save_bundle(model: "ASClassifier", meta: Mapping[str, Any], out_dir: str) ->
     Returns:
         ``out_dir``.
     """
-    import torch
+    import torch  # here, not at the top: `models pull` and `predict --help` read bundles without torch
 
     missing = [k for k in REQUIRED_META if meta.get(k) is None]
     if missing:
@@ -232,6 +232,7 @@ def load_bundle(bundle_dir: str | os.PathLike) -> tuple["ASClassifier", dict[str
     The weights are read with ``torch.load(weights_only=True)`` and must match the
     architecture in ``model.json`` key for key and shape for shape.
     """
+    # Here, not at the top: the networks need torch, which `models pull` and `predict --help` do without.
     from echo.model.networks import ASClassifier, WeightsLoadError, load_state_dict_file
 
     meta = verify_bundle(bundle_dir)

@@ -20,14 +20,18 @@ import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import pandas as pd
+import torch
+import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    import torch
-
-    from echo.model.networks import ASClassifier
+from echo.data import storage
+from echo.data.clips import eval_clips
+from echo.data.manifest import SPLITS, hash_ids, load_manifest
+from echo.model.networks import ASClassifier
+from echo.serve.bundle import load_bundle
+from echo.serve.registry import REGISTRY_INFO_FILE, pull
 
 __all__ = ["SEVERE", "NOT_SEVERE", "EchoModel", "load_model", "study_table"]
 
@@ -53,9 +57,7 @@ class EchoModel:
         device: ``"cpu"``, ``"cuda"``...; default CUDA when available, else CPU.
     """
 
-    def __init__(self, model: "ASClassifier", meta: Mapping[str, Any], source: str, device: str | None = None) -> None:
-        import torch
-
+    def __init__(self, model: ASClassifier, meta: Mapping[str, Any], source: str, device: str | None = None) -> None:
         self.meta = dict(meta)
         self.source = source
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -75,14 +77,9 @@ class EchoModel:
             out["registry"] = self.meta["registry"]
         return out
 
-    def clips(self, data: bytes, uri: str) -> "torch.Tensor":
+    def clips(self, data: bytes, uri: str) -> torch.Tensor:
         """MP4 bytes of one video -> its evaluation clips ``(K, 1, T, H, W)`` float32 in [0, 1]
         (K = num_clips, T = clip_len, (H, W) = frame_size)."""
-        import torch
-        import torch.nn.functional as F
-
-        from echo.data.clips import eval_clips
-
         x = torch.from_numpy(eval_clips(data, uri, self.clip_len, self.num_clips, self.stride))
         k, t, h, w = x.shape
         if (h, w) != self.frame_size:
@@ -93,16 +90,12 @@ class EchoModel:
 
     def probability(self, data: bytes, uri: str) -> float:
         """Probability of severe aortic stenosis for one video (mean over its clips)."""
-        import torch
-
         with torch.inference_mode():
             logits = self.model(self.clips(data, uri).to(self.device))
             return float(torch.sigmoid(logits.double()).mean())
 
     def _videos(self, uris: Sequence[str]) -> Iterator[tuple[str, bytes]]:
         """``(uri, bytes)`` in order, fetched a few ahead in threads; decoding stays in this thread."""
-        from echo.data import storage
-
         with ThreadPoolExecutor(max_workers=_READ_AHEAD) as pool:
             pending: deque = deque()
             todo = iter(uris)
@@ -142,8 +135,6 @@ class EchoModel:
         fresh per call), ``probability``, ``prediction``, ``call``, and the study's
         ``study_probability`` (mean over its videos), ``study_prediction`` and ``study_call``.
         """
-        from echo.data.manifest import SPLITS, hash_ids, load_manifest
-
         if split is not None and split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         manifest = load_manifest(manifest_uri)
@@ -189,9 +180,6 @@ def load_model(uri: str, tracking_uri: str | None = None, device: str | None = N
     are read; the weights' SHA-256 is checked and they are loaded with
     ``torch.load(weights_only=True)`` into :class:`~echo.model.networks.ASClassifier`.
     """
-    from echo.serve.bundle import load_bundle
-    from echo.serve.registry import REGISTRY_INFO_FILE, pull
-
     if os.path.isdir(uri):
         model, meta = load_bundle(uri)
         info = Path(uri) / REGISTRY_INFO_FILE

@@ -1,4 +1,5 @@
-"""The pyfunc flavour: ``mlflow models serve`` scoring videos by URI.
+"""The pyfunc flavour: logging a bundle as an MLflow model, and ``mlflow models serve`` scoring
+videos by URI with it.
 
 ``POST /invocations`` with a ``video_uri`` column, e.g.
 ``{"dataframe_split": {"columns": ["video_uri"], "data": [["clips/a.mp4"]]}}``, answers one
@@ -26,11 +27,24 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
+from mlflow.types import ColSpec, Schema
+
+from echo.data.video import VideoDecodeError
+from echo.serve.bundle import BUNDLE_FILES, load_bundle, verify_bundle
+from echo.serve.predict import EchoModel
+from echo.serve.registry import MODEL_NAME
 
 __all__ = [
     "ALLOWED_PREFIXES_ENV",
@@ -44,6 +58,7 @@ __all__ = [
     "signature",
     "pip_requirements",
     "write_entry",
+    "log_model_bundle",
 ]
 
 log = logging.getLogger(__name__)
@@ -108,9 +123,6 @@ class EchoPyfunc(PythonModel):
     """Scores a DataFrame with a ``video_uri`` column; see the module docstring."""
 
     def load_context(self, context: Any) -> None:
-        from echo.serve.bundle import load_bundle
-        from echo.serve.predict import EchoModel
-
         model, meta = load_bundle(context.artifacts["bundle"])
         self._model = EchoModel(model, meta, source="pyfunc")
         self._prefixes = allowed_prefixes()
@@ -119,11 +131,6 @@ class EchoPyfunc(PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """``model_input`` (n rows, a ``video_uri`` column) -> (n rows: video_uri, probability,
         prediction, call)."""
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-        from echo.data.video import VideoDecodeError
-
         if "video_uri" not in model_input.columns:
             raise MlflowException(
                 f"input needs a 'video_uri' column, got columns {list(model_input.columns)}",
@@ -140,9 +147,6 @@ class EchoPyfunc(PythonModel):
 
 def signature():
     """Input: a string column ``video_uri``; output: video_uri, probability, prediction, call."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
     return ModelSignature(
         inputs=Schema([ColSpec("string", "video_uri")]),
         outputs=Schema(
@@ -173,3 +177,36 @@ def write_entry(folder: str | os.PathLike) -> Path:
     path.write_text(ENTRY_SOURCE)
     return path
 
+
+def log_model_bundle(bundle_dir: str) -> str:
+    """Log the bundle in ``bundle_dir`` under the active MLflow run; return ``runs:/<id>/model``.
+
+    Logs one pyfunc model (``echo.serve.pyfunc``, models-from-code, the ``echo`` package as
+    ``code_paths``, explicit pip requirements) whose artifacts hold the raw bundle files.
+    The bundle is verified (SHA-256) before it is logged.
+    """
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("log_model_bundle needs an active MLflow run: call it inside mlflow.start_run(...)")
+    meta = verify_bundle(bundle_dir)
+    package = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="echo-pyfunc-") as tmp:
+        bundle = Path(tmp) / "bundle"
+        bundle.mkdir()
+        for name in BUNDLE_FILES:  # only the bundle's own files, whatever else the folder holds
+            shutil.copy2(Path(bundle_dir) / name, bundle / name)
+        code = Path(tmp) / "code" / package.name
+        shutil.copytree(package, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        with warnings.catch_warnings():
+            # An input example would be scored at logging time; there is no video to score.
+            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+            mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=str(write_entry(tmp)),
+                artifacts={"bundle": str(bundle)},
+                code_paths=[str(code)],
+                pip_requirements=pip_requirements(),
+                signature=signature(),
+                metadata={"echo_ssl": {"weights_sha256": meta["weights_sha256"], "format_version": meta["format_version"]}},
+            )
+    return f"runs:/{run.info.run_id}/{MODEL_NAME}"

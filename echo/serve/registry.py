@@ -1,8 +1,7 @@
 """The MLflow model registry: log a bundle, register it, move the ``champion`` alias, pull it back.
 
-Layout: :func:`log_model_bundle` logs one MLflow model named ``model`` under the active run.
-It is a pyfunc (for ``mlflow models serve``, see :mod:`echo.serve.pyfunc`) whose artifacts hold
-the raw bundle (``artifacts/bundle/model.json`` and ``weights.pt``, see :mod:`echo.serve.bundle`).
+Layout: :func:`echo.serve.pyfunc.log_model_bundle` logs one MLflow model named ``model`` under
+the active run. It is a pyfunc (for ``mlflow models serve``) whose artifacts hold the raw bundle (``artifacts/bundle/model.json`` and ``weights.pt``, see :mod:`echo.serve.bundle`).
 :func:`pull` downloads only those two files and checks the weights' SHA-256 against
 ``model.json`` and against the version's ``weights_sha256`` tag: it never loads the pyfunc,
 so no code from the registry runs. The pyfunc flavour does run code when loaded (shipped
@@ -23,9 +22,7 @@ import logging
 import math
 import os
 import re
-import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,7 +42,6 @@ __all__ = [
     "RegistryError",
     "ModelRef",
     "AliasMove",
-    "log_model_bundle",
     "resolve",
     "register",
     "promote",
@@ -165,47 +161,6 @@ def _float(value: Any) -> float:
     except (TypeError, ValueError):
         return math.nan
     return out
-
-
-# --------------------------------------------------------------------------- logging
-
-
-def log_model_bundle(bundle_dir: str) -> str:
-    """Log the bundle in ``bundle_dir`` under the active MLflow run; return ``runs:/<id>/model``.
-
-    Logs one pyfunc model (``echo.serve.pyfunc``, models-from-code, the ``echo`` package as
-    ``code_paths``, explicit pip requirements) whose artifacts hold the raw bundle files.
-    The bundle is verified (SHA-256) before it is logged.
-    """
-    import mlflow
-
-    from echo.serve import pyfunc as serving
-
-    run = mlflow.active_run()
-    if run is None:
-        raise RuntimeError("log_model_bundle needs an active MLflow run: call it inside mlflow.start_run(...)")
-    meta = verify_bundle(bundle_dir)
-    package = Path(__file__).resolve().parents[1]
-    with tempfile.TemporaryDirectory(prefix="echo-pyfunc-") as tmp:
-        bundle = Path(tmp) / "bundle"
-        bundle.mkdir()
-        for name in BUNDLE_FILES:  # only the bundle's own files, whatever else the folder holds
-            shutil.copy2(Path(bundle_dir) / name, bundle / name)
-        code = Path(tmp) / "code" / package.name
-        shutil.copytree(package, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        with warnings.catch_warnings():
-            # An input example would be scored at logging time; there is no video to score.
-            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-            mlflow.pyfunc.log_model(
-                name=MODEL_NAME,
-                python_model=str(serving.write_entry(tmp)),
-                artifacts={"bundle": str(bundle)},
-                code_paths=[str(code)],
-                pip_requirements=serving.pip_requirements(),
-                signature=serving.signature(),
-                metadata={"echo_ssl": {"weights_sha256": meta["weights_sha256"], "format_version": meta["format_version"]}},
-            )
-    return f"runs:/{run.info.run_id}/{MODEL_NAME}"
 
 
 # --------------------------------------------------------------------------- resolving

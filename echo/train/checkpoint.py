@@ -14,12 +14,9 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from echo.train.session import Session
 
 __all__ = ["STATE_FILE", "save_state", "load_state", "rng_state", "set_rng_state", "checkpoint_due", "resume_state",
            "training_state"]
@@ -71,16 +68,15 @@ def checkpoint_due(epoch: int, epochs: int, every: int) -> bool:
 
 
 def resume_state(
-    session: "Session",
+    state: dict[str, Any] | None,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> tuple[int, int, dict[str, Any] | None]:
-    """Restore the latest checkpoint into the given objects, if there is one.
+    """Restore a checkpoint's ``state`` (a session's ``latest_state()``) into the given objects.
 
-    Returns ``(completed_epochs, global_step, state)``; ``(0, 0, None)`` for a fresh start.
+    Returns ``(completed_epochs, global_step, state)``; ``(0, 0, None)`` for a fresh start (``state`` None).
     """
-    state = session.latest_state()
     if state is None:
         return 0, 0, None
     model.load_state_dict(state["model"])

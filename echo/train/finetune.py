@@ -10,6 +10,7 @@ split evaluated once with 95% CIs, plots and predictions, and a model bundle in 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import tempfile
@@ -23,9 +24,18 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from echo.data import storage
 from echo import tracking
-from echo.train.checkpoint import resume_state, training_state
+from echo.data import storage
+from echo.data.dataset import LabelledClipDataset
+from echo.data.loader import VideoLoader
+from echo.data.manifest import absolute_uri, hash_ids, label_fraction_patients, load_manifest
+from echo.data.video import probe
+from echo.evaluation.evaluate import (choose_thresholds, log_evaluation, predict_videos, split_report,
+                                      study_predictions, summary_line, write_evaluation)
+from echo.evaluation.metrics import auroc
+from echo.model.networks import ASClassifier
+from echo.serve.bundle import save_bundle
+from echo.train.checkpoint import load_state, resume_state, training_state
 from echo.train.distributed import all_reduce_sum, lockstep
 from echo.train.launch import RayOptions, fit_tracked, open_tracked_run
 from echo.train.optim import build_optimizer, optimizer_step
@@ -124,8 +134,6 @@ def resolve_init(init: str, tracking_uri: str | None) -> Iterator[str]:
     if run_id is None:
         yield init
         return
-    import hashlib
-
     c = tracking.client(tracking.resolve_tracking_uri(tracking_uri))
     with tempfile.TemporaryDirectory(prefix="echo-init-") as folder:
         try:
@@ -149,16 +157,12 @@ def resample_rows(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 
 def training_rows(manifest, label_fraction: float, subset_seed: int) -> tuple[pd.DataFrame, list[str]]:
     """The training rows of a label fraction (patient-level, stratified, nested) and its patients."""
-    from echo.data.manifest import label_fraction_patients
-
     train = manifest.split("train")
     patients = label_fraction_patients(train, label_fraction, subset_seed)
     return train[train["patient_id"].isin(set(patients))].reset_index(drop=True), patients
 
 
 def _build_model(cfg: FinetuneConfig):
-    from echo.model.networks import ASClassifier
-
     with resolve_init(cfg.init, cfg.tracking_uri) as init:
         backbone_init = init if init in ("random", "kinetics") else "random"
         model = ASClassifier(cfg.backbone, dropout=cfg.dropout, normalization=cfg.normalization, init=backbone_init)
@@ -168,9 +172,6 @@ def _build_model(cfg: FinetuneConfig):
 
 
 def _validate(model, val: pd.DataFrame, cfg: FinetuneConfig, session: Session) -> dict[str, float]:
-    from echo.evaluation.evaluate import predict_videos, study_predictions
-    from echo.evaluation.metrics import auroc
-
     videos = predict_videos(model, val, cfg.clip_len, cfg.val_clips, cfg.stride, session.device, batch_size=8,
                             workers=min(cfg.loader_workers, 1), rank=session.rank, world_size=session.world_size)
     studies = study_predictions(videos)
@@ -182,10 +183,6 @@ def _validate(model, val: pd.DataFrame, cfg: FinetuneConfig, session: Session) -
 
 def finetune_loop(config: dict[str, Any], session: Session | None = None) -> None:
     """The per-worker (or per-trial) loop. ``config`` is a ``FinetuneConfig`` as a dict."""
-    from echo.data.dataset import LabelledClipDataset
-    from echo.data.loader import VideoLoader
-    from echo.data.manifest import load_manifest
-
     cfg = FinetuneConfig(**config)
     session = session or RayTrainSession()
     device = session.device
@@ -210,7 +207,7 @@ def finetune_loop(config: dict[str, Any], session: Session | None = None) -> Non
     )
     optimizer, scheduler = build_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.epochs,
                                            cfg.warmup_epochs, cfg.schedule)
-    start_epoch, step, state = resume_state(session, core, optimizer, scheduler)
+    start_epoch, step, state = resume_state(session.latest_state(), core, optimizer, scheduler)
     best = state["best"] if state else {"metric": None, "epoch": 0, "model": copy.deepcopy(core.state_dict()), "bad": 0}
     logger = rank0_logger(session, cfg.tracking_uri, cfg.mlflow_run_id, key="val_auroc")
     use_amp = cfg.amp and device.type == "cuda"
@@ -286,14 +283,10 @@ def finalize(model, cfg: FinetuneConfig, manifest, device: torch.device, best_ep
 
 def _finalize_in(folder: Path, model, cfg: FinetuneConfig, manifest, device: torch.device,
                  best_epoch: int) -> dict[str, float]:
+    # Here, not at the top: MLflow's import costs seconds in every Ray worker that imports this module.
     import mlflow
 
-    from echo.serve.bundle import save_bundle
-    from echo.evaluation.evaluate import (choose_thresholds, log_evaluation, predict_videos, split_report, study_predictions,
-                               summary_line, write_evaluation)
-    from echo.data.manifest import hash_ids
-    from echo.serve.registry import log_model_bundle
-    from echo.data.video import probe
+    from echo.serve.pyfunc import log_model_bundle
 
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
     model = model.to(device).eval()
@@ -350,10 +343,6 @@ def finalize_checkpoint(checkpoint, overrides: dict[str, Any] | None = None) -> 
     The run's config comes from the checkpoint; ``overrides`` replaces fields of it (the
     MLflow run, ``evaluate_test``). Runs in the calling process, on CPU.
     """
-    from echo.train.checkpoint import load_state
-    from echo.data.manifest import load_manifest
-    from echo.model.networks import ASClassifier
-
     with checkpoint.as_directory() as folder:
         state = load_state(folder)
     cfg = FinetuneConfig(**{**json.loads(state["config"]), **(overrides or {})})
@@ -366,8 +355,6 @@ def run_finetune(cfg: FinetuneConfig, ray_opts: RayOptions, resume: bool = False
                  ray_address: str | None = None) -> str:
     """Validate, create (or find, with ``resume``) the MLflow run, train on Ray, evaluate the best
     weights; return the run ID."""
-    from echo.data.manifest import absolute_uri, load_manifest
-
     cfg.manifest = absolute_uri(cfg.manifest)
     manifest = load_manifest(cfg.manifest)
     train, _ = training_rows(manifest, cfg.label_fraction, cfg.subset_seed)

@@ -3,15 +3,13 @@
 - :class:`NTXentLoss`: the normalized temperature-scaled cross-entropy of SimCLR
   (Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual
   Representations", ICML 2020, arXiv:2002.05709, eq. 1), with negatives from every rank.
-- :func:`permutations` / :func:`frame_order_loss`: the frame re-ordering pretext task of
-  EchoCLR (Holste et al. 2022): a clip's frames are shuffled with one of ``clip_len!``
-  permutations and a head predicts which one.
+- :func:`frame_order_loss`: the frame re-ordering pretext task of EchoCLR (Holste et al.
+  2022): a clip's frames are shuffled with one of the ``clip_len!`` permutations of
+  :func:`echo.data.order.permutations` and a head predicts which one.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
 import math
 
 import torch
@@ -20,10 +18,7 @@ from torch import Tensor, nn
 
 from echo.train.distributed import gather_rows, world_size
 
-__all__ = ["NTXentLoss", "permutations", "frame_order_loss", "MAX_ORDER_CLIP_LEN"]
-
-# 8! = 40320 classes; beyond that the frame-order head and table stop being sensible.
-MAX_ORDER_CLIP_LEN = 8
+__all__ = ["NTXentLoss", "frame_order_loss"]
 
 
 class NTXentLoss(nn.Module):
@@ -126,33 +121,12 @@ class NTXentLoss(nn.Module):
         return loss, (totals[1] / n_anchor).to(loss.dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _permutation_table(clip_len: int) -> Tensor:
-    return torch.tensor(list(itertools.permutations(range(clip_len))), dtype=torch.long)
-
-
-def permutations(clip_len: int) -> Tensor:
-    """All orderings of ``clip_len`` frames, in lexicographic order.
-
-    Returns:
-        LongTensor (clip_len!, clip_len); row ``k`` is the permutation with class label ``k``
-        (``itertools.permutations(range(clip_len))`` order, so row 0 is the identity).
-        Shuffle a clip (C, T, H, W) with ``clip[:, perm]``.
-    """
-    if not isinstance(clip_len, int) or isinstance(clip_len, bool) or not 1 <= clip_len <= MAX_ORDER_CLIP_LEN:
-        raise ValueError(
-            f"permutations: clip_len must be an int in [1, {MAX_ORDER_CLIP_LEN}] "
-            f"(the frame-order task has clip_len! classes), got {clip_len!r}"
-        )
-    return _permutation_table(clip_len).clone()
-
-
 def frame_order_loss(logits: Tensor, target: Tensor) -> Tensor:
     """Cross-entropy of the frame-order head.
 
     Args:
         logits: (N, K) scores over the ``K = clip_len!`` permutations.
-        target: (N,) integer class labels in [0, K): rows of :func:`permutations`.
+        target: (N,) integer class labels in [0, K): rows of :func:`echo.data.order.permutations`.
 
     Returns:
         Scalar mean cross-entropy.

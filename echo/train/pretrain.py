@@ -11,6 +11,7 @@ and at each probe epoch measures on the validation patients whether the objectiv
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -22,21 +23,27 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
 
 from echo import tracking
+from echo.data.dataset import SSL_METHODS, SSLClipDataset
+from echo.data.loader import VideoLoader
+from echo.data.manifest import absolute_uri, load_manifest
+from echo.evaluation.evaluate import embed_videos
 from echo.evaluation.gates import gate_metrics, gate_summary
+from echo.evaluation.metrics import aggregate_by_group, auroc
+from echo.model.networks import SSLModel
 from echo.train.checkpoint import checkpoint_due, resume_state, training_state
 from echo.train.distributed import all_reduce_sum, lockstep
 from echo.train.launch import RayOptions, fit_tracked, open_tracked_run
+from echo.train.losses import NTXentLoss, frame_order_loss
 from echo.train.optim import build_optimizer, optimizer_step
 from echo.train.session import RayTrainSession, Session, progress, rank0_logger
 
-__all__ = ["PretrainConfig", "pretrain_loop", "run_pretrain", "METHODS"]
+__all__ = ["PretrainConfig", "pretrain_loop", "run_pretrain"]
 
 log = logging.getLogger(__name__)
-
-METHODS = ("simclr", "mi-simclr", "echoclr")
-
 
 @dataclass
 class PretrainConfig:
@@ -74,8 +81,8 @@ class PretrainConfig:
     mlflow_run_id: str | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method not in SSL_METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(SSL_METHODS)}")
         if isinstance(self.splits, str):
             self.splits = [s.strip() for s in self.splits.split(",") if s.strip()]
         if self.cache_decoded_mb < 0:
@@ -93,12 +100,6 @@ def _probe_auc(model: torch.nn.Module, manifest, cfg: PretrainConfig, device: to
     One centred clip per video; study-level AUROC (mean probability over a study's videos).
     ``None`` when the manifest has no labelled train and val videos of both classes.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    from echo.evaluation.evaluate import embed_videos
-    from echo.evaluation.metrics import aggregate_by_group, auroc
-
     train, val = manifest.split("train"), manifest.split("val")
     if train["label"].nunique() < 2 or val["label"].nunique() < 2:
         return None
@@ -117,12 +118,6 @@ def _probe_auc(model: torch.nn.Module, manifest, cfg: PretrainConfig, device: to
 
 def pretrain_loop(config: dict[str, Any], session: Session | None = None) -> None:
     """The per-worker loop. ``config`` is a ``PretrainConfig`` as a dict."""
-    from echo.data.dataset import SSLClipDataset
-    from echo.data.loader import VideoLoader
-    from echo.train.losses import NTXentLoss, frame_order_loss
-    from echo.data.manifest import load_manifest
-    from echo.model.networks import SSLModel
-
     cfg = PretrainConfig(**config)
     session = session or RayTrainSession()
     device = session.device
@@ -150,7 +145,7 @@ def pretrain_loop(config: dict[str, Any], session: Session | None = None) -> Non
     optimizer, scheduler = build_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.epochs,
                                            cfg.warmup_epochs, cfg.schedule)
     criterion = NTXentLoss(temperature=cfg.temperature)
-    start_epoch, step, _ = resume_state(session, core, optimizer, scheduler)
+    start_epoch, step, _ = resume_state(session.latest_state(), core, optimizer, scheduler)
     logger = rank0_logger(session, cfg.tracking_uri, cfg.mlflow_run_id, key="loss")
     if start_epoch:
         progress(f"resuming at epoch {start_epoch + 1}/{cfg.epochs} (step {step})")
@@ -237,8 +232,6 @@ ENCODER_ARTIFACT = "encoder"
 
 def _log_encoder(model, cfg: PretrainConfig) -> None:
     """Log the encoder (backbone) as a state dict plus a JSON description, under ``encoder/``."""
-    import hashlib
-
     with tempfile.TemporaryDirectory() as folder:
         buf = io.BytesIO()
         torch.save(model.encoder_state_dict(), buf)
@@ -259,8 +252,6 @@ def _log_encoder(model, cfg: PretrainConfig) -> None:
 
 def run_pretrain(cfg: PretrainConfig, ray_opts: RayOptions, resume: bool = False, ray_address: str | None = None) -> str:
     """Validate, create (or, with ``resume``, find) the MLflow run, train on Ray; return the run ID."""
-    from echo.data.manifest import absolute_uri, load_manifest
-
     cfg.manifest = absolute_uri(cfg.manifest)
     manifest = load_manifest(cfg.manifest)  # fails fast, before any worker starts
     rows = manifest.split(*cfg.splits)

@@ -24,8 +24,11 @@ import pandas as pd
 import torch
 
 from echo import tracking
+from echo.data.manifest import absolute_uri, load_manifest
+from echo.evaluation import plots
+from echo.serve.registry import DEFAULT_NAME, register
 from echo.train.finetune import FinetuneConfig, finalize_checkpoint, finetune_loop, resolve_init, training_rows
-from echo.train.launch import new_run_name, storage_for
+from echo.train.launch import connect, new_run_name, storage_for
 from echo.train.session import TuneSession, progress
 
 __all__ = ["TuneConfig", "DEFAULT_SPACE", "run_search", "search_space", "cell_name"]
@@ -72,7 +75,7 @@ class TuneConfig:
     storage: str = "./runs"
     name: str | None = None
     register: bool = False
-    model_name: str = "echo-severe-as"
+    model_name: str = DEFAULT_NAME
     tracking_uri: str | None = None
     experiment: str = "echo-ssl-tune"
 
@@ -223,10 +226,6 @@ def _finalize_best(cfg: TuneConfig, result) -> tuple[dict, str]:
 
 def run_search(cfg: TuneConfig, resume: bool = False, ray_address: str | None = None) -> pd.DataFrame:
     """Run the whole search; write the table and plot under ``cfg.out``; return the table."""
-    from echo.evaluation import plots
-    from echo.data.manifest import absolute_uri, load_manifest
-    from echo.train.launch import connect
-
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     manifest = load_manifest(cfg.manifest)  # a bad manifest stops the search before it starts
     cfg.manifest = absolute_uri(cfg.manifest)
@@ -307,8 +306,6 @@ def _markdown(table: pd.DataFrame) -> str:
 
 def _register_best(cfg: TuneConfig, detail: pd.DataFrame) -> None:
     """Register, per label fraction, the best run across inits (chosen on validation AUROC)."""
-    from echo.serve.registry import register
-
     for fraction, part in detail.groupby("label_fraction"):
         best = part.loc[part["val_auroc"].idxmax()]
         version = register(f"runs:/{best['best_run_id']}/model", name=cfg.model_name, tracking_uri=cfg.tracking_uri)
