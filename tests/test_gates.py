@@ -12,7 +12,7 @@ from torch import nn
 from echo.data.manifest import load_manifest
 from echo.evaluation import gates
 from echo.model.networks import SSLModel
-from echo.train.losses import permutations
+from echo.data.order import permutations
 
 
 def _patients(n_patients: int = 30, videos: int = 3) -> np.ndarray:

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from echo.data.dataset import EvalClipDataset, SampleSkipped
+from echo.data.order import permutations
 
 __all__ = [
     "RETRIEVAL_FACTOR",
@@ -85,8 +86,6 @@ def order_top1(model: torch.nn.Module, clips: torch.Tensor) -> float:
     ``clips`` ``(N, 1, T, H, W)`` in ``[0, 1]``, in true frame order; ``model(x)["order_logits"]``
     scores the ``T!`` permutations of ``echo.data.order.permutations`` (row k = class k).
     """
-    from echo.train.losses import permutations
-
     perms = permutations(clips.shape[2])
     right = 0
     for clip in clips:
