@@ -1,4 +1,4 @@
-# The two commands: `make demo` (the main job on the embedded default) and `make test`.
+# The two commands: `make demo` (the main job on the embedded default) and `make test` (import contracts, then pytest).
 # Both create or reuse .venv themselves.
 PYTHON ?= python3
 VENV := .venv
@@ -21,7 +21,9 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/echo-ssl demo
 
+# lint-imports: the import-linter contracts in pyproject.toml (layers from the CLI down to storage).
 test: venv
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
 
 clean:
