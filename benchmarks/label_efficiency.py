@@ -149,8 +149,8 @@ PROFILES: dict[str, Profile] = {
         min_frames=16, max_frames=32, difficulty=1.25, synth_workers=2, backbone="tiny3d", pretrain_steps=800,
         pretrain_batch=32, pretrain_clip_len=4, pretrain_lr=1e-3, temperature=0.1, cache_decoded_mb=4096,
         counts=(6, 12, 26, 51, 126, 0), draws=(20, 20, 10, 10, 10, 1), probe_clips=4, order_videos=256,
-        ft_counts=(6, 26, 0), ft_draws=(2, 2, 1), ft_epochs=3, ft_steps_per_epoch=40, ft_lrs=(1e-4, 5e-5, 1e-5),
-        ft_batch=16, ft_clip_len=8, ft_stride=2, dropout=0.25, label_smoothing=0.1, eval_clips=2, n_resamples=1000,
+        ft_counts=(6, 0), ft_draws=(2, 1), ft_epochs=1, ft_steps_per_epoch=120, ft_lrs=(1e-4, 5e-5, 1e-5),
+        ft_batch=16, ft_clip_len=8, ft_stride=2, dropout=0.25, label_smoothing=0.1, eval_clips=1, n_resamples=1000,
     ),
     # One H200-class GPU, about 10 minutes: r3d_18 at 112 px, bf16 (PretrainConfig.amp), data
     # synthesised on the machine (16 cores) and decoded once into memory.
@@ -433,9 +433,11 @@ def _report(name: str, profile: Profile, view_jitter: str, rules: str, started: 
 
 
 def _pretrain(profile: Profile, method: str, manifest_uri: str, n_rows: int, tracking_uri: str, parent: str,
-              work: Path, device: torch.device, experiment: str) -> tuple[SSLModel, pd.DataFrame, str]:
-    """Pretrain one method in-process from the decoded-frame cache; returns the model (last
-    weights), its per-epoch reports and the child run ID."""
+              work: Path, device: torch.device, experiment: str, decoded: dict[str, np.ndarray]
+              ) -> tuple[SSLModel, pd.DataFrame, str]:
+    """Pretrain one method in-process from the decoded-frame cache (``decoded``: the videos
+    decoded once for the whole benchmark); returns the model (last weights), its per-epoch
+    reports and the child run ID."""
     per_epoch = n_rows // profile.pretrain_batch
     epochs = max(1, math.ceil(profile.pretrain_steps / max(per_epoch, 1)))
     run_id = tracking.create_run(tracking_uri, experiment, f"pretrain-{method}", parent_run_id=parent,
@@ -453,7 +455,7 @@ def _pretrain(profile: Profile, method: str, manifest_uri: str, n_rows: int, tra
     session = _DeviceSession(folder, device)
     try:
         with _stage_log(work / "logs" / f"pretrain-{method}.log"):
-            pretrain_loop(dataclasses.asdict(cfg), session)
+            pretrain_loop(dataclasses.asdict(cfg), session, decoded)
     except Exception:
         tracking.set_terminated(tracking_uri, run_id, "FAILED")
         raise
@@ -475,7 +477,7 @@ def _subset_manifest(manifest: Manifest, patients: list[str], path: Path) -> str
 
 
 def _finetune_draw(profile: Profile, init: str, subset_uri: str, test_rows: pd.DataFrame, device: torch.device,
-                   work: Path, log_name: str) -> tuple[np.ndarray, float]:
+                   work: Path, log_name: str, decoded: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
     """Fine-tune at each learning rate of the grid for the profile's fixed number of steps, keep
     the best-on-validation (lr, epoch) weights, and score the test studies (sorted); returns
     ``(test study scores, chosen lr)``."""
@@ -490,7 +492,7 @@ def _finetune_draw(profile: Profile, init: str, subset_uri: str, test_rows: pd.D
         )
         folder = _fresh(work / "checkpoints" / "finetune")
         with _stage_log(work / "logs" / f"{log_name}-lr{lr:g}.log"):
-            finetune_loop(dataclasses.asdict(cfg), _DeviceSession(folder, device))
+            finetune_loop(dataclasses.asdict(cfg), _DeviceSession(folder, device), decoded)
         state = ckpt.load_state(folder)["best"]
         if state["metric"] > best[0]:
             best = (float(state["metric"]), lr, state["model"])
@@ -540,6 +542,7 @@ def run_benchmark(profile: Profile, out: Path, tracking_uri: str | None = None, 
         clock.say(f"data: {len(manifest.table)} videos; {pre_rows['patient_id'].nunique()} pretraining patients, "
                   f"{held_out['patient_id'].nunique()} held out; leaflets {thin:.2f} vs {thick:.2f} px")
 
+        decoded: dict[str, np.ndarray] = {}  # every video decoded once, shared by every training run
         models: dict[str, torch.nn.Module] = {}
         torch.manual_seed(profile.seed)
         models["random"] = SSLModel(profile.backbone, profile.pretrain_clip_len, frame_order=False).to(device)
@@ -548,7 +551,7 @@ def run_benchmark(profile: Profile, out: Path, tracking_uri: str | None = None, 
         for method in methods:
             t0 = time.monotonic()
             model, reports, _ = _pretrain(profile, method, manifest_uri, len(pre_rows), tracking_uri, parent, out,
-                                          device, experiment)
+                                          device, experiment, decoded)
             models[method], steps[method] = model, int(reports["steps"].iloc[-1])
             path = out / "encoders" / f"{method}.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -603,7 +606,8 @@ def run_benchmark(profile: Profile, out: Path, tracking_uri: str | None = None, 
             for (n, d), patients in ft.items():
                 subset = _subset_manifest(manifest, patients, out / "data" / "subsets" / f"n{n}-d{d}.csv")
                 for init, enc in encoders.items():
-                    s, lr = _finetune_draw(profile, enc, subset, test_rows, device, out, f"finetune-{init}-n{n}-d{d}")
+                    s, lr = _finetune_draw(profile, enc, subset, test_rows, device, out, f"finetune-{init}-n{n}-d{d}",
+                                           decoded)
                     record(init, "finetune", n, d, patients, s)
                     clock.say(f"fine-tuned {init} on {n} studies (draw {d}): test AUROC {rows[-1]['test_auroc']:.3f}, "
                               f"lr {lr:g}")

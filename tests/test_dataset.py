@@ -232,3 +232,14 @@ def test_decoded_cache_over_budget_streams_the_rest(rows):
     uncached = next(i for i, u in enumerate(rows.video_uri) if u not in ds.decoded)
     assert torch.equal(ds.sample(uncached, 0)["view1"], SSLClipDataset(rows, "simclr", clip_len=4, seed=5).sample(uncached, 0)["view1"])
     assert ds.reads == [rows.video_uri[uncached]]
+
+
+def test_decoded_cache_shared_between_datasets_decodes_once(rows):
+    store: dict = {}
+    first = SSLClipDataset(rows, "simclr", clip_len=4, seed=5)
+    assert first.cache_decoded(2**30, store).complete and len(store) == len(rows)
+    second = RecordingSSL(rows.iloc[:4].reset_index(drop=True), "echoclr", clip_len=4, seed=5)
+    second.reads = []
+    stats = second.cache_decoded(2**30, store)
+    assert second.reads == [] and stats.cached == 4 and stats.complete  # nothing decoded again
+    assert stats.nbytes == sum(store[u].nbytes for u in rows.video_uri[:4])

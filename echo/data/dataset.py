@@ -177,11 +177,18 @@ class ClipDataset:
             self.cache.put(uri, data)
         return data
 
-    def cache_decoded(self, budget_bytes: int) -> DecodedCacheStats:
+    def cache_decoded(self, budget_bytes: int, shared: dict[str, np.ndarray] | None = None) -> DecodedCacheStats:
         """Decode whole videos into memory, in row order, while they fit in ``budget_bytes``
         (uint8 ``(T, H, W)`` each); stop at the first that does not fit. A video that cannot
-        be read or decoded is left out (its samples are skipped as usual)."""
+        be read or decoded is left out (its samples are skipped as usual).
+
+        ``shared``: a store of videos already decoded in this process (by an earlier dataset
+        over the same videos), used and extended instead of decoding them again; the budget
+        covers the whole store. The stats count this dataset's videos only.
+        """
         started = time.perf_counter()
+        if shared is not None:
+            self.decoded = shared
         used = sum(a.nbytes for a in self.decoded.values())
         uris = list(dict.fromkeys(self.uris.tolist()))
         for uri in uris:
@@ -195,7 +202,8 @@ class ClipDataset:
                 break
             self.decoded[uri] = frames
             used += frames.nbytes
-        return DecodedCacheStats(len(self.decoded), len(uris), used, time.perf_counter() - started)
+        mine = [self.decoded[u] for u in uris if u in self.decoded]
+        return DecodedCacheStats(len(mine), len(uris), sum(a.nbytes for a in mine), time.perf_counter() - started)
 
     def frames(self, uri: str, choose: Callable[[int], np.ndarray]) -> np.ndarray:
         """Decode the frames ``choose(n_frames)`` picks (``echo.data.clips.decode_at``); ``(T, H, W)``

@@ -181,8 +181,10 @@ def _validate(model, val: pd.DataFrame, cfg: FinetuneConfig, session: Session) -
     return {"val_loss": loss, "val_auroc": float(auroc(y, p))}
 
 
-def finetune_loop(config: dict[str, Any], session: Session | None = None) -> None:
-    """The per-worker (or per-trial) loop. ``config`` is a ``FinetuneConfig`` as a dict."""
+def finetune_loop(config: dict[str, Any], session: Session | None = None,
+                  decoded: dict[str, np.ndarray] | None = None) -> None:
+    """The per-worker (or per-trial) loop. ``config`` is a ``FinetuneConfig`` as a dict;
+    ``decoded`` as in ``echo.train.pretrain.pretrain_loop`` (a shared store of decoded videos)."""
     cfg = FinetuneConfig(**config)
     session = session or RayTrainSession()
     device = session.device
@@ -198,7 +200,7 @@ def finetune_loop(config: dict[str, Any], session: Session | None = None) -> Non
     pos_weight = torch.tensor((len(train) - n_pos) / max(n_pos, 1.0)) if cfg.class_weights else torch.tensor(1.0)
     dataset = LabelledClipDataset(train, clip_len=cfg.clip_len, stride=cfg.stride, seed=cfg.seed, augment=True)
     if cfg.cache_decoded_mb:
-        progress(dataset.cache_decoded(cfg.cache_decoded_mb * 2**20).describe(cfg.cache_decoded_mb))
+        progress(dataset.cache_decoded(cfg.cache_decoded_mb * 2**20, decoded).describe(cfg.cache_decoded_mb))
     loader = VideoLoader(
         dataset,
         batch_size=cfg.batch_size, num_workers=cfg.loader_workers, rank=session.rank, world_size=session.world_size,

@@ -116,8 +116,11 @@ def _probe_auc(model: torch.nn.Module, manifest, cfg: PretrainConfig, device: to
     return float(auroc(y, p))
 
 
-def pretrain_loop(config: dict[str, Any], session: Session | None = None) -> None:
-    """The per-worker loop. ``config`` is a ``PretrainConfig`` as a dict."""
+def pretrain_loop(config: dict[str, Any], session: Session | None = None,
+                  decoded: dict[str, np.ndarray] | None = None) -> None:
+    """The per-worker loop. ``config`` is a ``PretrainConfig`` as a dict; ``decoded``, for
+    in-process callers running several jobs on the same videos, is a store of decoded videos
+    shared by their decoded-frame caches (``ClipDataset.cache_decoded``)."""
     cfg = PretrainConfig(**config)
     session = session or RayTrainSession()
     device = session.device
@@ -128,7 +131,7 @@ def pretrain_loop(config: dict[str, Any], session: Session | None = None) -> Non
                              cache_bytes=cfg.cache_mb * 2**20)
     cache_metrics: dict[str, float] = {}
     if cfg.cache_decoded_mb:
-        stats = dataset.cache_decoded(cfg.cache_decoded_mb * 2**20)
+        stats = dataset.cache_decoded(cfg.cache_decoded_mb * 2**20, decoded)
         progress(stats.describe(cfg.cache_decoded_mb) + (
             f"; each of the {cfg.loader_workers} loader processes holds a copy" if cfg.loader_workers else ""))
         cache_metrics = {"decoded_cache_videos": float(stats.cached), "decoded_cache_fraction": stats.cached / stats.total,
