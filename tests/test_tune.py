@@ -142,3 +142,40 @@ def test_search_keeps_tracking_credentials_out_of_storage(ray_cluster, mlflow_se
     assert [str(f) for f in written if password.encode() in f.read_bytes()] == []
     assert password.encode() not in mlflow_server.db.read_bytes()
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == password  # where MLflow reads it from instead
+
+
+def test_resume_refuses_state_files_changed_since_the_search_wrote_them(ray_cluster, synth_small, tracking_uri,
+                                                                          tmp_path):
+    """Issue 17, item 11: ``--resume`` unpickles the cell's Tune state from the runs storage only when
+    every state file matches a SHA-256 the search recorded in its MLflow parent run: a changed byte
+    in ``tuner.pkl`` or in the trial states, or a file the search never wrote, stops the resume
+    naming the file; the untouched folder resumes."""
+    from echo.cli import main
+    from echo.train.tune_state import TuneStateError
+
+    args = _args(synth_small, tracking_uri, tmp_path, "guarded", fractions="1.0", inits="random",
+                 **{"num-samples": "1", "max-concurrent": "1", "epochs": "1", "scheduler": "fifo"})
+    assert main(["tune", *args]) == 0
+    cell = tmp_path / "tune-runs" / "guarded" / "f1-random-s0"
+    tuner_pkl = cell / "tuner.pkl"
+    (state,) = cell.glob("experiment_state-*.json")
+    parent = tracking.find_run(tracking_uri, "echo-ssl-tune", "echo.search_name", "guarded")
+    tags = tracking.client(tracking_uri).get_run(parent).data.tags
+    assert sum(k.startswith("echo.tune_sha256.f1-random-s0.") for k in tags) >= 3  # tuner.pkl, trial and searcher state
+
+    def flip_a_byte(path: Path, at: int) -> bytes:
+        original = path.read_bytes()
+        path.write_bytes(original[:at] + bytes([original[at] ^ 1]) + original[at + 1:])
+        return original
+
+    for path, at in ((tuner_pkl, 100), (state, len(state.read_bytes()) // 2)):
+        original = flip_a_byte(path, at)
+        with pytest.raises(TuneStateError, match=f"{path.name} changed since the search wrote it"):
+            main(["tune", *args, "--resume"])
+        path.write_bytes(original)
+    planted = cell / "experiment_state-2099-01-01_00-00-00.json"  # the newest: the one Tune would load
+    planted.write_bytes(state.read_bytes())
+    with pytest.raises(TuneStateError, match=f"{planted.name} was not written by this search"):
+        main(["tune", *args, "--resume"])
+    planted.unlink()
+    assert main(["tune", *args, "--resume"]) == 0

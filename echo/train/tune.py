@@ -7,7 +7,8 @@ trainable) that reports validation AUROC every epoch. The best trial of a cell, 
 validation only, is evaluated once on the test split with 95% CIs. Results: a table (CSV and
 Markdown), the label-efficiency plot, and MLflow runs (a parent per search, a child per
 trial, ``best=true`` on the chosen ones). ``resume`` restores interrupted cells without
-repeating finished trials.
+repeating finished trials, after checking that the cell's pickled state is what the search
+wrote (``echo.train.tune_state``).
 """
 
 from __future__ import annotations
@@ -170,6 +171,8 @@ def _run_cell(cfg: TuneConfig, fraction: str, init: str, subset_seed: str, paren
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from echo.train import tune_state  # imports ray.tune: here, so that `echo-ssl tune --help` stays light
+
     name = cell_name(fraction, init, subset_seed)
     base = FinetuneConfig(
         manifest=cfg.manifest, init=init, backbone=cfg.backbone, label_fraction=float(fraction),
@@ -185,8 +188,10 @@ def _run_cell(cfg: TuneConfig, fraction: str, init: str, subset_seed: str, paren
                                            else f"{cfg.storage.rstrip('/')}/{search_name}")
     path = f"{storage_path}/{name}"
     restorable = tune.Tuner.can_restore(path, storage_filesystem=filesystem) if resume else False
+    where = (cfg.tracking_uri, parent_run_id, name, path, filesystem)
     if restorable:
-        progress(f"  resuming cell {name}")
+        checked = tune_state.verify_experiment(*where)  # before anything there is unpickled
+        progress(f"  resuming cell {name} ({checked} state files match the digests recorded in MLflow)")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=filesystem)
     else:
@@ -202,8 +207,10 @@ def _run_cell(cfg: TuneConfig, fraction: str, init: str, subset_seed: str, paren
                                         search_alg=None),
             run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
                                       failure_config=tune.FailureConfig(max_failures=1), verbose=0,
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                      callbacks=[tune_state.DigestRecorder(*where)]),
         )
+        tune_state.record_file(*where, "tuner.pkl")  # written once, by Tuner() above
     return tuner.fit()
 
 
