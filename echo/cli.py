@@ -26,7 +26,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("models", "promote"), "models_promote", "point an alias (default champion) at a version; the move is recorded"),
     (("models", "history"), "models_history", "list the recorded alias moves of a registered model"),
     (("predict",), "predict", "probabilities of severe AS per video and per study, CSV or JSON"),
-    (("ingest",), "ingest", "DICOM echo cines -> de-identified, sector-masked MP4 clips and a manifest"),
+    (("ingest",), "ingest", "DICOM cines or video files (AVI, MP4, MOV, MKV) -> de-identified, sector-masked MP4 clips and a manifest"),
     (("pretrain",), "pretrain", "self-supervised pretraining (SimCLR, MI-SimCLR, EchoCLR) on Ray Train"),
     (("finetune",), "finetune", "fine-tune a severe-AS classifier on Ray Train"),
     (("evaluate",), "evaluate", "evaluate a model on a split: AUROC with 95% CIs, plots, predictions"),

@@ -1,127 +1,37 @@
-"""echo.ingest.dicom on a real ultrasound cine from pydicom's test data and variants derived from it.
-
-``examples_ybr_color.dcm`` is a 30-frame apical echo (SonoSite, JPEG baseline, YBR_FULL_422,
-Frame Time 33.333 ms) whose pixels were halved after its Ultrasound Regions box was written,
-so its box lies outside the image and the sector must be estimated. It carries a burned-in
-patient name at the top left. The helpers here also serve tests/test_ingest.py.
-"""
+"""echo.ingest.dicom on a real ultrasound cine from pydicom's test data and variants derived from
+it (tests/dicomfiles.py): header, decoding of every photometric and compression variant, the
+pixel budget, and the files that are skipped with a reason."""
 
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image, ImageDraw
+from dicomfiles import (
+    FAKE_PHI,
+    FAN_BOX,
+    encapsulated,
+    luma,
+    native_cine,
+    phi_strings,
+    real_cine,
+    real_rgb,
+    to_bytes,
+)
+from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate
 from pydicom.pixels import convert_color_space
-from pydicom.sequence import Sequence
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, MPEG2MPML, RLELossless
 
-from echo.ingest import dicom
-
-REAL_CINE = "examples_ybr_color.dcm"
-# The file's own 2-D region box, written for the 640x480 original: halved, it bounds the fan.
-FAN_BOX = (42, 15, 297, 207)
-FAKE_PHI = {
-    "PatientName": "ZZTESTPATIENT^SECRETNAME",
-    "PatientID": "PID-ZZ-98765",
-    "StudyInstanceUID": "1.2.826.0.1.3680043.99999.1.424242",
-    "AccessionNumber": "ACCZZ5555",
-    "PatientBirthDate": "19010203",
-}
-TEXT_BOX = (44, 20, 110, 36)  # x0, y0, x1, y1 (exclusive) of a burned-in text overlay, outside the fan
-ECG_BAND = (20, 210, 300, 218)  # a sweep just below the fan
-
-
-def sop_uid(n: int) -> str:
-    return f"1.2.826.0.1.3680043.99999.3.{n}"
-
-
-def phi_strings() -> list[str]:
-    """Every fake identifier a test file carries, in forms they could leak as."""
-    values = [v for k, v in FAKE_PHI.items() if k != "PatientBirthDate"]
-    return values + ["ZZTESTPATIENT", "SECRETNAME", "99999.3.", "99999.1."]
-
-
-def real_cine(n: int = 1, **phi: str) -> Dataset:
-    """The real cine with fake patient data (``phi`` overrides) and SOP Instance UID number ``n``."""
-    ds = pydicom.dcmread(get_testdata_file(REAL_CINE))
-    for keyword, value in {**FAKE_PHI, **phi}.items():
-        setattr(ds, keyword, value)
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_uid(n)
-    return ds
-
-
-def real_rgb(n_frames: int = 30) -> np.ndarray:
-    """The real cine's frames as RGB, ``(T, 240, 320, 3)`` uint8."""
-    return pydicom.dcmread(get_testdata_file(REAL_CINE)).pixel_array[:n_frames]
-
-
-def luma(rgb: np.ndarray) -> np.ndarray:
-    """BT.601 luma of RGB, as float."""
-    rgb = rgb.astype(np.float64)
-    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-
-
-def native_cine(pixels: np.ndarray, photometric: str, n: int = 1, **phi: str) -> Dataset:
-    """The real cine's header around new uncompressed ``pixels`` ((T, H, W) or (T, H, W, 3) uint8)."""
-    ds = real_cine(n, **phi)
-    ds.set_pixel_data(np.ascontiguousarray(pixels), photometric, 8, generate_instance_uid=False)
-    return ds
-
-
-def with_regions(ds: Dataset, *boxes: tuple[int, int, int, int, int]) -> Dataset:
-    """Replace the Ultrasound Regions with ``(x0, y0, x1, y1, spatial_format)`` boxes."""
-    items = []
-    for x0, y0, x1, y1, spatial in boxes:
-        item = Dataset()
-        item.RegionSpatialFormat = spatial
-        item.RegionDataType = 1 if spatial == 1 else 10  # tissue, or ECG trace
-        item.RegionFlags = 0
-        item.RegionLocationMinX0, item.RegionLocationMinY0 = x0, y0
-        item.RegionLocationMaxX1, item.RegionLocationMaxY1 = x1, y1
-        items.append(item)
-    ds.SequenceOfUltrasoundRegions = Sequence(items)
-    return ds
-
-
-def to_bytes(ds: Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def encapsulated(ds: Dataset, frames: list[bytes], syntax, photometric: str) -> Dataset:
-    """``ds`` with its pixel data replaced by compressed ``frames`` of transfer syntax ``syntax``."""
-    ds.PixelData = encapsulate(frames)
-    ds["PixelData"].VR = "OB"
-    ds.file_meta.TransferSyntaxUID = syntax
-    ds.NumberOfFrames = len(frames)
-    ds.PhotometricInterpretation = photometric
-    return ds
-
-
-def with_overlays(rgb: np.ndarray) -> np.ndarray:
-    """Burn into every frame, outside the fan: static white text (a fake name) in TEXT_BOX, a
-    moving ECG sweep in ECG_BAND and a changing frame counter."""
-    out = rgb.copy()
-    x = np.arange(ECG_BAND[0], ECG_BAND[2])
-    for t in range(len(out)):
-        img = Image.fromarray(out[t])
-        draw = ImageDraw.Draw(img)
-        draw.rectangle((TEXT_BOX[0], TEXT_BOX[1], TEXT_BOX[2] - 1, TEXT_BOX[3] - 1), fill=(0, 0, 0))
-        draw.text((TEXT_BOX[0] + 2, TEXT_BOX[1] + 2), "ZZTEST^SECRET", fill=(255, 255, 255))
-        draw.text((4, 200), f"{t:03d}", fill=(255, 255, 0))
-        out[t] = np.asarray(img)
-        y = (213 + 3 * np.sin(2 * np.pi * (x / 40 + t / 10))).astype(int)
-        for dy in (0, 1):
-            out[t, y + dy, x] = (0, 255, 0)
-    return out
-
+from echo.ingest import dicom, fan
+from echo.ingest.frames import SkipFile
 
 @pytest.fixture(scope="module")
 def rgb() -> np.ndarray:
@@ -143,8 +53,8 @@ def test_real_cine_header_frames_and_estimated_sector():
     assert np.abs(frames.astype(float) - luma(real_rgb())).max() <= 1.0
 
     # The header box (640x480 coordinates) reaches past the 320x240 image: not trusted.
-    assert dicom.regions_mask(header.regions, frames.shape[1:]) is None
-    mask, source = dicom.sector_mask(frames, header.regions, "x")
+    assert fan.regions_mask(header.regions, frames.shape[1:]) is None
+    mask, source = fan.sector_mask(frames, header.regions, "x")
     assert source == "estimated"
     ys, xs = np.nonzero(mask)
     assert np.allclose([xs.min(), ys.min(), xs.max(), ys.max()], FAN_BOX, atol=8)
@@ -310,7 +220,7 @@ def _bytes(ds: Dataset) -> bytes:
 )
 def test_files_that_are_not_cines_are_skipped_with_a_reason(make, reason):
     name = "file 7/9 [0123abcd]"
-    with pytest.raises(dicom.DicomSkip) as info:
+    with pytest.raises(SkipFile) as info:
         ds = dicom.open_dataset(make(), name)
         dicom.read_header(ds, name)
         dicom.decode_frames(ds, name)
@@ -319,50 +229,71 @@ def test_files_that_are_not_cines_are_skipped_with_a_reason(make, reason):
     assert not any(s in str(info.value) for s in phi_strings())
 
 
-def test_regions_mask_keeps_2d_regions_and_rejects_untrustworthy_boxes():
-    ds = with_regions(real_cine(), (42, 15, 297, 207, 1), (20, 214, 300, 232, 4))
-    regions = dicom.ultrasound_regions(ds)
-    assert regions == ((42, 15, 297, 207),), "the ECG waveform region is not part of the sector"
-    mask = dicom.regions_mask(regions, (240, 320))
-    assert mask.sum() == (297 - 42 + 1) * (207 - 15 + 1) and mask[15, 42] and mask[207, 297] and not mask[208, 297]
-    assert dicom.regions_mask(((0, 0, 320, 239),), (240, 320)) is None  # past the right edge
-    assert dicom.regions_mask(((0, 0, 319, 239),), (240, 320)) is None  # the whole frame hides nothing
-    assert dicom.regions_mask(((10, 10, 20, 20),), (240, 320)) is None  # too small to be a sector
-    assert dicom.regions_mask((), (240, 320)) is None
+_BUDGET_RUN = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    import pydicom, pydicom.pixels
+    from echo.ingest.pipeline import IngestOptions, ingest
+
+    pydicom.dcmread(sys.argv[1])  # imports done before measuring
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    summary = ingest(IngestOptions(src=sys.argv[2], out=sys.argv[3], workers=1))
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"seconds": seconds, "peak_growth_kb": after - before, "reasons": summary.skipped_by_reason,
+                      "detail": [o.detail for o in summary.skipped]}))
+    """
+)
 
 
-@pytest.mark.parametrize("noise", [0.0, 3.0])
-def test_estimated_sector_leaves_out_burned_in_text_ecg_and_counter(rgb, noise):
-    """Clean digital frames, and frames with Gaussian noise everywhere (a frame-grabber export):
-    the noisy estimate may lose the faint fan edges, never take in the overlays."""
-    noisy = luma(with_overlays(rgb)) + np.random.default_rng(0).normal(0, noise, rgb.shape[:3])
-    frames = np.clip(np.round(noisy), 0, 255).astype(np.uint8)
-    mask = dicom.estimate_sector(frames)
-    x0, y0, x1, y1 = TEXT_BOX
-    assert not mask[y0:y1, x0:x1].any()
-    assert not mask[ECG_BAND[1] : ECG_BAND[3], ECG_BAND[0] : ECG_BAND[2]].any()
-    assert not mask[195:215, 0:30].any(), "frame counter"
-    ys, xs = np.nonzero(mask)
-    if noise == 0:
-        assert np.allclose([xs.min(), ys.min(), xs.max(), ys.max()], FAN_BOX, atol=8)
-    else:
-        inside = (xs.min() >= FAN_BOX[0] - 8) & (ys.min() >= FAN_BOX[1] - 8) & (xs.max() <= FAN_BOX[2] + 8)
-        assert inside and ys.max() <= FAN_BOX[3] + 8 and mask.mean() > 0.2
-    # A clip with no motion has no sector to find.
-    with pytest.raises(dicom.DicomSkip, match="no_sector"):
-        dicom.estimate_sector(np.repeat(frames[:1], 5, axis=0))
+def test_a_header_declaring_a_huge_clip_is_refused_before_decoding(tmp_path, monkeypatch):
+    """Issue 17 item 7: a 50 KB file declaring 10,000 frames of 4096x4096 (JPEG frames of the
+    real cine inside) is refused from its header within a second, the process's peak memory
+    (ru_maxrss, in a fresh interpreter) unchanged."""
+    ds = real_cine()
+    ds.NumberOfFrames, ds.Rows, ds.Columns = 10_000, 4096, 4096
+    src = tmp_path / "src"
+    src.mkdir()
+    path = src / "huge.dcm"
+    path.write_bytes(to_bytes(ds))
+    monkeypatch.setenv("ECHO_SSL_ID_KEY", "test-key-0123456789-not-a-real-secret")
+    proc = subprocess.run([sys.executable, "-c", _BUDGET_RUN, str(path), str(src), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["reasons"] == {"over_budget": 1}
+    assert "10000 frames of 4096x4096" in result["detail"][0] and "--max-pixels" in result["detail"][0]
+    assert result["seconds"] < 1.0
+    assert result["peak_growth_kb"] < 10_000, result
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.mp4"))
 
 
-def test_crop_to_sector_masks_crops_and_pads_keeping_aspect():
-    frames = np.full((3, 120, 300), 200, np.uint8)
-    frames[:, :, :20] = 255  # "text" left of the sector
-    mask = np.zeros((120, 300), bool)
-    mask[10:110, 40:240] = True  # 100 x 200 box
-    mask[10:30, 40:60] = False  # a notch inside the box, outside the sector
-    out = dicom.crop_to_sector(frames, mask, (112, 112))
-    assert out.shape == (3, 112, 112) and out.dtype == np.uint8
-    # 100x200 scales to 56x112, centred: rows 28..83 hold the image, the rest is padding.
-    assert (out[:, :28] == 0).all() and (out[:, 84:] == 0).all()
-    assert (out[:, 40:80, 20:100] == 200).all()
-    assert (out[:, 28:36, 0:8] == 0).all(), "the notch stays masked after resizing"
-    assert out.max() == 200, "nothing of the text left of the sector survives"
+def test_frames_are_reduced_as_decoded_and_the_budget_is_a_setting(rgb):
+    ds = dicom.open_dataset(to_bytes(native_cine(rgb[:6], "RGB")), "r")
+    small = dicom.decode_frames(ds, "r", shape=(60, 80))
+    full = dicom.decode_frames(ds, "r")
+    assert small.shape == (6, 60, 80) and full.shape == (6, 240, 320)
+    reference = np.stack([np.asarray(Image.fromarray(f).resize((80, 60), Image.Resampling.BOX)) for f in full])
+    assert np.abs(small.astype(int) - reference).mean() < 2.0
+    with pytest.raises(SkipFile, match="over_budget") as info:
+        dicom.decode_frames(ds, "file 1/1 [x]", max_pixels=6 * 240 * 320 - 1)
+    assert "6 frames of 240x320" in str(info.value)
+    assert dicom.decode_frames(ds, "r", max_pixels=6 * 240 * 320).shape == (6, 240, 320)
+
+
+def test_palette_color_lookup_is_bounded():
+    """A PALETTE COLOR header declaring 32 bits stored would make a 2**32-entry lookup: refused."""
+    src = pydicom.dcmread(get_testdata_file("examples_palette.dcm"))
+    ds = real_cine()
+    for elem in src:
+        if elem.tag.group == 0x0028:
+            ds[elem.tag] = elem
+    ds.NumberOfFrames = 2
+    ds.PixelData = np.stack([src.pixel_array] * 2).tobytes()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.BitsStored = 32
+    ds = dicom.open_dataset(to_bytes(ds), "p")
+    with pytest.raises(SkipFile, match="unsupported_photometric") as info:
+        dicom.decode_frames(ds, "p")
+    assert "32 bits" in str(info.value)

@@ -1,4 +1,4 @@
-"""``echo-ssl ingest`` end to end: DICOM files (a real cine and variants, see test_dicom.py) from
+"""``echo-ssl ingest`` end to end: DICOM files (a real cine and variants, see dicomfiles.py) from
 a local folder or an ``s3://`` prefix into the moto S3 server, checked by decoding the clips,
 reading the manifest back, and searching every key, cell, sidecar and log line for the fake
 patient data planted in the sources."""
@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from pydicom.data import get_testdata_file
 from scipy import ndimage
-from test_dicom import (
+from dicomfiles import (
     FAKE_PHI,
     TEXT_BOX,
     luma,
@@ -31,8 +31,8 @@ from test_dicom import (
     with_regions,
 )
 
-from echo.ingest import dicom
 from echo.data import storage
+from echo.ingest import fan
 from echo.commands import ingest as ingest_command
 from echo.ingest.pipeline import (
     ID_KEY_ENV,
@@ -105,24 +105,6 @@ def assert_no_phi(texts: list[str], extra: tuple[str, ...] = ()) -> None:
             assert secret not in text, f"{secret!r} leaked"
 
 
-def expected_box_clip(frames: np.ndarray, box: tuple[int, int, int, int], size: int = 112) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Independent crop + aspect-keeping resize of ``frames`` to ``box`` (inclusive corners):
-    the clip and where the image lands in the output (top, left, height, width)."""
-    from PIL import Image
-
-    x0, y0, x1, y1 = box
-    h, w = y1 - y0 + 1, x1 - x0 + 1
-    scale = size / max(h, w)
-    nh, nw = round(h * scale), round(w * scale)
-    top, left = (size - nh) // 2, (size - nw) // 2
-    out = np.zeros((len(frames), size, size), np.uint8)
-    for i, f in enumerate(frames):
-        out[i, top : top + nh, left : left + nw] = np.asarray(
-            Image.fromarray(f[y0 : y1 + 1, x0 : x1 + 1]).resize((nw, nh), Image.Resampling.BILINEAR)
-        )
-    return out, (top, left, nh, nw)
-
-
 def test_ingest_local_folder_to_s3(tmp_path, s3_bucket, key, rgb, caplog, capfd):
     caplog.set_level(logging.INFO)
     src = tmp_path / "export"
@@ -167,7 +149,7 @@ def test_ingest_local_folder_to_s3(tmp_path, s3_bucket, key, rgb, caplog, capfd)
         "manufacturer", "model", "sector", "source_id",
     }
     sector = dict(zip(table["video_uri"], table["sector"]))
-    assert [sector[uri_of[n]] for n in (1, 2, 3)] == ["estimated", "estimated", "regions"]
+    assert [sector[uri_of[n]] for n in (1, 2, 3)] == ["estimated", "estimated", "regions+estimated"]
 
     clips = {}
     for n, uri in uri_of.items():
@@ -182,8 +164,8 @@ def test_ingest_local_folder_to_s3(tmp_path, s3_bucket, key, rgb, caplog, capfd)
     # Overlay clip: text, ECG and counter lie outside the estimated sector, and every output
     # pixel outside the (resized) sector is black in every frame.
     frames = gray(with_overlays(rgb))
-    mask = dicom.estimate_sector(frames)
-    support = dicom.crop_to_sector(np.full((1, *mask.shape), 255, np.uint8), mask, (112, 112))[0] > 0
+    mask = fan.estimate_sector(frames)
+    support = fan.crop_to_sector(np.full((1, *mask.shape), 255, np.uint8), mask, (112, 112))[0] > 0
     far_outside = ~ndimage.binary_dilation(support, iterations=3)
     assert far_outside.sum() > 1500
     assert clips[2][:, far_outside].max() <= 4
@@ -196,10 +178,13 @@ def test_ingest_local_folder_to_s3(tmp_path, s3_bucket, key, rgb, caplog, capfd)
     text_region = clips[2][:, top + max(ty0, 0) : top + ty1, left + max(tx0, 0) : left + tx1]
     assert text_region.size and text_region.max() <= 4, "burned-in text must be masked"
 
-    # Regions clip: exactly the declared box, resized; padding (outside the sector) is black.
-    expected, (top, left, nh, nw) = expected_box_clip(gray(rgb), REGION_BOX)
+    # Regions clip: the declared box narrows the estimated sector, never replaces it.
+    source = gray(rgb)
+    kept = fan.estimate_sector(source) & fan.regions_mask((REGION_BOX,), source.shape[1:])
+    expected = fan.crop_to_sector(source, kept, (112, 112)).astype(int)
     assert np.abs(clips[3] - expected).mean() < 3.0
-    assert clips[3][:, : top - 1].max() <= 4 and clips[3][:, top + nh + 1 :].max() <= 4
+    beyond = ~ndimage.binary_dilation(expected.max(axis=0) > 0, iterations=2)  # past H.264's ringing
+    assert beyond.sum() > 1500 and clips[3][:, beyond].max() <= 4, "outside the kept area stays black"
 
     # No patient data anywhere: object keys, manifest cells, sidecars, log lines, output.
     objects = all_objects(s3_bucket)
