@@ -66,6 +66,7 @@ from echo.train import checkpoint as ckpt  # noqa: E402
 from echo.train.finetune import FinetuneConfig, finetune_loop  # noqa: E402
 from echo.train.pretrain import PretrainConfig, pretrain_loop  # noqa: E402
 from echo.train.session import LocalSession  # noqa: E402
+from echo.train.settings import RunState, loop_config  # noqa: E402
 
 __all__ = [
     "Profile",
@@ -448,14 +449,14 @@ def _pretrain(profile: Profile, method: str, manifest_uri: str, n_rows: int, tra
         batch_size=profile.pretrain_batch, clip_len=profile.pretrain_clip_len, lr=profile.pretrain_lr,
         optimizer="adam", schedule="cosine", temperature=profile.temperature, seed=profile.seed, loader_workers=0,
         cache_decoded_mb=profile.cache_decoded_mb, probe_every=epochs, checkpoint_every=epochs,
-        tracking_uri=tracking_uri, experiment=experiment, run_name=f"pretrain-{method}", mlflow_run_id=run_id,
+        tracking_uri=tracking_uri, experiment=experiment, run_name=f"pretrain-{method}",
     )
     tracking.log_params(tracking_uri, run_id, dataclasses.asdict(cfg))
     folder = _fresh(work / "checkpoints" / f"pretrain-{method}")
     session = _DeviceSession(folder, device)
     try:
         with _stage_log(work / "logs" / f"pretrain-{method}.log"):
-            pretrain_loop(dataclasses.asdict(cfg), session, decoded)
+            pretrain_loop(loop_config(cfg, RunState(tracking_uri=tracking_uri, run_id=run_id)), session, decoded)
     except Exception:
         tracking.set_terminated(tracking_uri, run_id, "FAILED")
         raise
@@ -492,7 +493,7 @@ def _finetune_draw(profile: Profile, init: str, subset_uri: str, test_rows: pd.D
         )
         folder = _fresh(work / "checkpoints" / "finetune")
         with _stage_log(work / "logs" / f"{log_name}-lr{lr:g}.log"):
-            finetune_loop(dataclasses.asdict(cfg), _DeviceSession(folder, device), decoded)
+            finetune_loop(loop_config(cfg, None), _DeviceSession(folder, device), decoded)
         state = ckpt.load_state(folder)["best"]
         if state["metric"] > best[0]:
             best = (float(state["metric"]), lr, state["model"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -27,7 +27,8 @@ from echo.serve.registry import DEFAULT_NAME, pull
 from echo.serve.registry import format_summary as registry_summary
 from echo.train.launch import RayOptions, connect
 from echo.train.pretrain import PretrainConfig, run_pretrain
-from echo.train.tune import TuneConfig, run_search
+from echo.train.settings import setting
+from echo.train.tune import TuneConfig, run_search, trial_base
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -38,20 +39,20 @@ log = logging.getLogger(__name__)
 class DemoConfig:
     """Sizes chosen so the demo finishes in minutes on 2 CPU cores."""
 
-    data: str = "./demo-data"
-    out: str = "./demo-out"
-    patients: int = 120
-    unlabeled_patients: int = 60
-    size: int = 64
-    prevalence: float = 0.3
-    seed: int = 0
-    pretrain_epochs: int = 6
-    pretrain_workers: int = 2
-    finetune_epochs: int = 5
-    fractions: list[str] = field(default_factory=lambda: ["0.25", "1.0"])
-    trials: int = 3
-    model_name: str = DEFAULT_NAME
-    tracking_uri: str | None = None
+    data: str = setting("./demo-data", "folder for the synthetic data set (reused when it exists)")
+    out: str = setting("./demo-out", "folder for results, runs, the pulled champion and saliency GIFs")
+    patients: int = setting(120, "labelled patients to synthesize")
+    unlabeled_patients: int = setting(60, "unlabeled patients to synthesize (pretraining only)")
+    size: int = setting(64, "frame size in pixels")
+    prevalence: float = setting(0.3, "share of patients with severe AS")
+    seed: int = setting(0, "seed of every random choice")
+    pretrain_epochs: int = setting(6, "EchoCLR pretraining epochs")
+    pretrain_workers: int = setting(2, "Ray Train workers for pretraining")
+    finetune_epochs: int = setting(5, "fine-tuning epochs per trial")
+    fractions: list[str] = setting(help="label fractions to search", factory=lambda: ["0.25", "1.0"])
+    trials: int = setting(3, "Tune trials per (fraction, init)")
+    model_name: str = setting(DEFAULT_NAME, "registered model name")
+    tracking_uri: str | None = setting(None, "MLflow tracking URI (default: sqlite:///mlflow.db here)")
 
 
 def _step(n: int, text: str) -> float:
@@ -66,7 +67,7 @@ def _done(start: float) -> None:
 def run_demo(cfg: DemoConfig) -> int:
     """Run every stage; print where the results are. Returns 0."""
     began = time.monotonic()
-    cfg.tracking_uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
+    uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -87,18 +88,18 @@ def run_demo(cfg: DemoConfig) -> int:
         t = _step(2, f"EchoCLR pretraining on Ray Train ({cfg.pretrain_workers} DDP workers, gloo, tiny3d)")
         pre = PretrainConfig(manifest=manifest_uri, method="echoclr", backbone="tiny3d", epochs=cfg.pretrain_epochs,
                              batch_size=16, clip_len=4, lr=1e-3, loader_workers=1, probe_every=3, seed=cfg.seed,
-                             tracking_uri=cfg.tracking_uri)
+                             tracking_uri=uri)
         pretrain_run = run_pretrain(pre, RayOptions(workers=cfg.pretrain_workers, cpus_per_worker=0.5,
                                                     storage=str(out / "runs")))
         _done(t)
 
         t = _step(3, f"Tune search at label fractions {', '.join(cfg.fractions)}: random vs pretrained init")
-        search = TuneConfig(manifest=manifest_uri, fractions=cfg.fractions, inits=["random", f"runs:/{pretrain_run}"],
-                            backbone="tiny3d", epochs=cfg.finetune_epochs, batch_size=16, clip_len=8, patience=3,
+        base = trial_base(manifest=manifest_uri, backbone="tiny3d", epochs=cfg.finetune_epochs, batch_size=16,
+                          clip_len=8, patience=3, n_resamples=1000, seed=cfg.seed, tracking_uri=uri)
+        search = TuneConfig(base=base, fractions=cfg.fractions, inits=["random", f"runs:/{pretrain_run}"],
                             num_samples=cfg.trials, max_concurrent=2, cpus_per_trial=1.0, grace_period=2,
-                            n_resamples=1000, seed=cfg.seed, out=str(out / "results"), storage=str(out / "runs"),
-                            register=True, model_name=cfg.model_name, tracking_uri=cfg.tracking_uri,
-                            space='{"lr": {"loguniform": [3e-4, 3e-3]}}')
+                            out=str(out / "results"), storage=str(out / "runs"), register=True,
+                            model_name=cfg.model_name, space='{"lr": {"loguniform": [3e-4, 3e-3]}}')
         run_search(search)
         _done(t)
     finally:
@@ -106,7 +107,7 @@ def run_demo(cfg: DemoConfig) -> int:
 
     t = _step(4, f"pull models:/{cfg.model_name}@champion back through the registry")
     champion = str(out / "champion")
-    _, meta = pull(f"models:/{cfg.model_name}@champion", champion, cfg.tracking_uri)
+    _, meta = pull(f"models:/{cfg.model_name}@champion", champion, uri)
     print("   " + registry_summary(meta).replace("\n", "\n   "))
     _done(t)
 
@@ -134,6 +135,6 @@ def run_demo(cfg: DemoConfig) -> int:
     print(f"  plot:      {out / 'results' / 'label_efficiency.png'}")
     print(f"  champion:  {champion} (predictions: {out / 'predictions.csv'})")
     print(f"  saliency:  {out / 'saliency'}/*.gif")
-    db = cfg.tracking_uri
+    db = uri
     print(f"  MLflow UI: .venv/bin/mlflow ui --backend-store-uri {db} --host 127.0.0.1 --port 5000")
     return 0

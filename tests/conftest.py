@@ -232,15 +232,14 @@ def pretrain_run(synth_small, tracking_uri, tmp_path_factory) -> str:
     """A short EchoCLR pretraining run in ``tracking_uri``, run in-process (the Ray path is tested
     in test_pretrain) from the decoded-frame cache, with the gates at its last epoch; its
     encoder initialises fine-tuning (``--init runs:/<id>``)."""
-    import dataclasses
-
     from echo import tracking
     from echo.train.pretrain import PretrainConfig, pretrain_loop
     from echo.train.session import LocalSession
+    from echo.train.settings import RunState, loop_config
 
     cfg = PretrainConfig(manifest=synth_small, backbone="tiny3d", epochs=2, batch_size=8, lr=1e-3, loader_workers=0,
                          probe_every=2, cache_decoded_mb=64, tracking_uri=tracking_uri,
                          experiment="pretrain-for-finetune")
-    cfg.mlflow_run_id = tracking.create_run(tracking_uri, cfg.experiment, "pretrain")
-    pretrain_loop(dataclasses.asdict(cfg), session=LocalSession(tmp_path_factory.mktemp("pre")))
-    return cfg.mlflow_run_id
+    run = RunState(tracking_uri=tracking_uri, run_id=tracking.create_run(tracking_uri, cfg.experiment, "pretrain"))
+    pretrain_loop(loop_config(cfg, run), session=LocalSession(tmp_path_factory.mktemp("pre")))
+    return run.run_id

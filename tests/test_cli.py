@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +17,14 @@ import pytest
 
 from echo.data import storage
 from echo.cli import COMMANDS, build_parser, main
+from echo.commands._options import config_from_args
 from echo.config import ConfigError, apply_config, load_config
 from echo.data.video import encode_mp4, probe
+from echo.demo import DemoConfig
+from echo.train.finetune import FinetuneConfig
+from echo.train.launch import RayOptions
+from echo.train.pretrain import PretrainConfig
+from echo.train.tune import TuneConfig, trial_base
 
 GROUPS = sorted({words[0] for words, _, _ in COMMANDS if len(words) > 1})
 
@@ -166,3 +174,63 @@ def test_apply_config_checks_choices_and_switches() -> None:
         apply_config(check, {"check_objects": "sometimes"}, "cfg.yaml")
     apply_config(predict, {"format": "json", "videos": ["a.mp4", "b.mp4"]}, "cfg.yaml")
     assert predict.get_default("format") == "json" and predict.get_default("videos") == ["a.mp4", "b.mp4"]
+
+
+def _config_fields(cls: type) -> list[tuple[str, dataclasses.Field]]:
+    """``(class name, field)`` of a config dataclass, nested (flattened) configs included."""
+    out = []
+    for f in dataclasses.fields(cls):
+        out.append((cls.__name__, f))
+        if "flatten" in f.metadata:
+            out += _config_fields(typing.get_type_hints(cls)[f.name])
+    return out
+
+
+@pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig, TuneConfig, DemoConfig, RayOptions],
+                         ids=lambda c: c.__name__)
+def test_every_config_field_has_help_and_is_a_flag_or_yaml_key(cls: type) -> None:
+    missing = [f"{owner}.{f.name}" for owner, f in _config_fields(cls) if not f.metadata.get("help")]
+    assert missing == []
+    words = {PretrainConfig: ("pretrain",), FinetuneConfig: ("finetune",), TuneConfig: ("tune",),
+             DemoConfig: ("demo",), RayOptions: ("finetune",)}[cls]
+    text = " ".join(_help([*words, "--help"]).split())
+    omitted = set(TuneConfig.__dataclass_fields__["base"].metadata["flatten"].omit) if cls is TuneConfig else set()
+    for _, f in _config_fields(cls):
+        if "flatten" in f.metadata or f.name in omitted:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        assert f"{flag} " in text or f"{flag}," in text, flag
+        assert " ".join(f.metadata["help"].split()[:4]) in text, flag
+
+
+def test_help_of_epochs_warmup_and_weight_decay() -> None:
+    text = " ".join(_help(["finetune", "--help"]).split())
+    assert "--epochs EPOCHS training epochs (default: 30)" in text
+    assert "--warmup-epochs WARMUP_EPOCHS epochs of linear learning-rate warm-up (default: 0)" in text
+    assert "--weight-decay WEIGHT_DECAY weight decay (default: 0.0)" in text
+
+
+def test_every_fine_tuning_option_reaches_a_tune_search(tmp_path: Path) -> None:
+    """The search's trials get every fine-tuning setting from flags and YAML keys (trials are
+    built from ``TuneConfig.base``; that its values reach the trials' MLflow params is checked in
+    test_tune), with the search's own defaults where they differ from a fine-tuning run's."""
+    cfg = tmp_path / "tune.yaml"
+    cfg.write_text("manifest: m.csv\noptimizer: sgd\nstride: 2\ncache_mb: 8\namp: false\nfractions: [0.5]\n")
+    search = config_from_args(TuneConfig, _parse_with_config(("tune",), str(cfg), ["--schedule", "cosine"]))
+    base = search.base
+    assert (base.optimizer, base.stride, base.cache_mb, base.amp, base.schedule) == ("sgd", 2, 8, False, "cosine")
+    assert (base.manifest, search.fractions) == ("m.csv", ["0.5"])
+    assert (base.experiment, base.loader_workers) == ("echo-ssl-tune", 0)  # the search's defaults
+    assert base == trial_base(manifest="m.csv", optimizer="sgd", stride=2, cache_mb=8, amp=False, schedule="cosine")
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: Path(p).name)
+def test_shipped_configs_build_their_jobs_config(path: str) -> None:
+    """Every key of the example configs is still an option of its command, and builds the job's config."""
+    words = (Path(path).stem.removeprefix("local-"),)
+    args = _parse_with_config(words, path, ["--manifest", "m.csv"] if words != ("evaluate",) else [])
+    cls = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "tune": TuneConfig}.get(words[0])
+    if cls is not None:
+        built = config_from_args(cls, args)
+        assert not hasattr(built, "mlflow_run_id")  # run state is not part of a config

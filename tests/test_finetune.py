@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -16,7 +17,9 @@ from echo.train.launch import RayOptions
 def _finetune(synth_small, tracking_uri, tmp_path, **kw) -> tuple[FinetuneConfig, str]:
     cfg = FinetuneConfig(manifest=synth_small, backbone="tiny3d", epochs=3, batch_size=8, clip_len=8, lr=1e-3,
                          loader_workers=1, n_resamples=300, tracking_uri=tracking_uri, **kw)
+    given = dataclasses.asdict(cfg)
     run_id = run_finetune(cfg, RayOptions(workers=1, cpus_per_worker=1, storage=str(tmp_path / "runs")))
+    assert dataclasses.asdict(cfg) == given  # the run's state (MLflow run, names, URIs) stays out of the config
     return cfg, run_id
 
 
@@ -87,14 +90,42 @@ def test_finetune_from_random_then_evaluate_with_saliency(ray_cluster, synth_sma
     assert metrics["test_auroc_ci_low"] <= metrics["test_auroc"] <= metrics["test_auroc_ci_high"]
 
 
-def test_single_class_validation_split_is_refused_before_training(synth_small, tmp_path):
+def _relabelled(synth_small: str, path: Path, split: str, severe_studies: int | None) -> str:
+    """The shared manifest with absolute URIs, ``split`` keeping only ``severe_studies`` severe studies."""
     import pandas as pd
 
     table = pd.read_csv(synth_small, dtype=str, keep_default_na=False)
     base = Path(synth_small).parent
     table["video_uri"] = [str(base / v) for v in table["video_uri"]]
-    table.loc[table["split"] == "val", "label"] = "0"
-    bad = tmp_path / "one-class-val.csv"
-    table.to_csv(bad, index=False)
-    with pytest.raises(ValueError, match="val split needs both"):
-        run_finetune(FinetuneConfig(manifest=str(bad), backbone="tiny3d"), RayOptions())
+    rows = table["split"] == split
+    severe = sorted(table.loc[rows & (table["label"] == "1"), "study_id"].unique())
+    keep = set(severe[:severe_studies or 0])
+    table.loc[rows & ~table["study_id"].isin(keep), "label"] = "0"
+    table.to_csv(path, index=False)
+    return str(path)
+
+
+@pytest.mark.parametrize("split,severe,evaluate_test,message", [
+    ("val", 0, True, r"the val split has 0 severe and \d+ non-severe studies; .* needs at least 2 of each"),
+    ("val", 1, True, r"the val split has 1 severe and \d+ non-severe studies; .* needs at least 2 of each"),
+    ("test", 1, True, r"the test split has 1 severe and \d+ non-severe studies; .*--no-evaluate-test"),
+], ids=["val one class", "val one severe study", "test one severe study"])
+def test_split_the_final_evaluation_cannot_score_is_refused_before_training(synth_small, tmp_path, split, severe,
+                                                                           evaluate_test, message):
+    """The final step's DeLong interval needs 2 studies of each class: checked before Ray starts
+    (no ray_cluster here: a run that got that far would fail to connect in this test)."""
+    bad = _relabelled(synth_small, tmp_path / "bad.csv", split, severe)
+    with pytest.raises(ValueError, match=message) as info:
+        run_finetune(FinetuneConfig(manifest=bad, backbone="tiny3d", evaluate_test=evaluate_test), RayOptions())
+    assert bad in str(info.value)
+
+
+def test_test_split_is_not_checked_when_it_is_not_evaluated(synth_small, tmp_path):
+    from echo.data.manifest import load_manifest
+    from echo.train.finetune import check_splits, training_rows
+
+    manifest = load_manifest(_relabelled(synth_small, tmp_path / "t.csv", "test", 1))
+    train, _ = training_rows(manifest, 1.0, 0)
+    check_splits(manifest, train, evaluate_test=False)
+    with pytest.raises(ValueError, match="test split has 1 severe"):
+        check_splits(manifest, train, evaluate_test=True)

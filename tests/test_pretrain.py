@@ -28,7 +28,7 @@ def _history(cfg: PretrainConfig, run_id: str, key: str) -> list:
 
 
 def test_two_worker_pretraining_learns_and_records(ray_cluster, synth_small, tmp_path):
-    cfg = _config(synth_small, tmp_path)
+    cfg = _config(synth_small, tmp_path, run_name="two-workers")
     run_id = run_pretrain(cfg, RayOptions(workers=2, cpus_per_worker=0.5, storage=str(tmp_path / "runs")))
 
     losses = [m.value for m in sorted(_history(cfg, run_id, "loss"), key=lambda m: m.step)]
@@ -42,7 +42,7 @@ def test_two_worker_pretraining_learns_and_records(ray_cluster, synth_small, tmp
         assert key in run.data.metrics, key
     assert "probe_val_auroc" in run.data.metrics
     # Checkpoints written by rank 0 under the run's storage folder, holding the resume state.
-    ckpts = sorted(p for p in (tmp_path / "runs" / cfg.run_name).glob("checkpoint_*") if p.is_dir())
+    ckpts = sorted(p for p in (tmp_path / "runs" / "two-workers").glob("checkpoint_*") if p.is_dir())
     assert ckpts and all((c / "state.pt").exists() for c in ckpts)
     # The encoder is logged as a state dict that loads with weights_only=True.
     local = tracking.client(cfg.tracking_uri).download_artifacts(run_id, "encoder", str(tmp_path / "enc"))

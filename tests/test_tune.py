@@ -37,7 +37,7 @@ def test_search_two_fractions_two_inits_table_plot_runs_and_registry(
 
     inits = f"random,runs:/{pretrain_run}"
     rc = main(["tune", *_args(synth_small, tracking_uri, tmp_path, "s2x2", fractions="0.5,1.0", inits=inits),
-               "--register", "--model-name", "tune-test-model"])
+               "--register", "--model-name", "tune-test-model", "--optimizer", "adamw", "--cache-mb", "16"])
     assert rc == 0
     table = pd.read_csv(tmp_path / "out" / "label_efficiency.csv")
     assert len(table) == 4
@@ -54,6 +54,11 @@ def test_search_two_fractions_two_inits_table_plot_runs_and_registry(
     parent = tracking.find_run(tracking_uri, "echo-ssl-tune", "echo.search_name", "s2x2")
     children = _children(tracking_uri, parent)
     assert len(children) == 8  # 2 fractions x 2 inits x 2 samples
+    # Every fine-tuning option reaches the trials (recorded with each trial's run), searched ones sampled.
+    for r in children:
+        p = r.data.params
+        assert (p["optimizer"], p["cache_mb"], p["backbone"], p["clip_len"]) == ("adamw", "16", "tiny3d", "8"), p
+        assert p["init"] == r.data.tags["echo.init"] and float(p["lr"]) > 0
     cells = {(r.data.tags["echo.label_fraction"], r.data.tags["echo.init"]) for r in children}
     assert len(cells) == 4
     best = [r for r in children if r.data.tags.get("best") == "true"]

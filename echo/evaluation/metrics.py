@@ -38,6 +38,7 @@ from scipy import stats
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 __all__ = [
+    "MIN_CASES_PER_CLASS",
     "BootstrapDistribution",
     "CalibrationBins",
     "RocBand",
@@ -64,6 +65,9 @@ __all__ = [
     "aggregate_by_group",
     "group_labels",
 ]
+
+# DeLong's variance (hence every report's AUROC interval) needs this many cases of each class.
+MIN_CASES_PER_CLASS = 2
 
 # Elements of one block of resamples (rows x per-row elements): int64 arrays of a few MB stay
 # in cache, which measured faster than larger blocks.
@@ -475,9 +479,9 @@ def delong_auroc_variance(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     yb, pf = check_binary(y, p)
     x, v = pf[yb], pf[~yb]
     m, n = x.size, v.size
-    if m < 2 or n < 2:
+    if m < MIN_CASES_PER_CLASS or n < MIN_CASES_PER_CLASS:
         raise ValueError(
-            f"DeLong's variance needs at least 2 cases of each class; got {m} positive and {n} negative"
+            f"DeLong's variance needs at least {MIN_CASES_PER_CLASS} cases of each class; got {m} positive and {n} negative"
         )
     tz = stats.rankdata(np.concatenate([x, v]), method="average")
     v10 = (tz[:m] - stats.rankdata(x, method="average")) / n

@@ -10,6 +10,7 @@ split evaluated once with 95% CIs, plots and predictions, and a model bundle in 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,11 +29,11 @@ from echo import tracking
 from echo.data import storage
 from echo.data.dataset import LabelledClipDataset
 from echo.data.loader import VideoLoader
-from echo.data.manifest import absolute_uri, hash_ids, label_fraction_patients, load_manifest
+from echo.data.manifest import Manifest, absolute_uri, hash_ids, label_fraction_patients, load_manifest
 from echo.data.video import probe
 from echo.evaluation.evaluate import (choose_thresholds, log_evaluation, predict_videos, split_report,
                                       study_predictions, summary_line, write_evaluation)
-from echo.evaluation.metrics import auroc
+from echo.evaluation.metrics import MIN_CASES_PER_CLASS, auroc
 from echo.model.networks import ASClassifier
 from echo.serve.bundle import save_bundle
 from echo.train.checkpoint import load_state, resume_state, training_state
@@ -40,6 +41,7 @@ from echo.train.distributed import all_reduce_sum, lockstep
 from echo.train.launch import RayOptions, fit_tracked, open_tracked_run
 from echo.train.optim import build_optimizer, optimizer_step
 from echo.train.session import RayTrainSession, Session, progress, rank0_logger
+from echo.train.settings import RunState, TrainConfig, from_loop_config, setting, with_default
 
 __all__ = [
     "FinetuneConfig",
@@ -50,6 +52,7 @@ __all__ = [
     "pretrain_run_id",
     "resolve_init",
     "training_rows",
+    "check_splits",
     "resample_rows",
 ]
 
@@ -57,60 +60,39 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(TrainConfig):
     """Every setting of a fine-tuning run; defaults follow the published recipe (method.md)."""
 
-    manifest: str
-    init: str = "random"  # random | kinetics | PATH | s3://... | runs:/<pretraining run id>
-    backbone: str = "r3d_18"
-    label_fraction: float = 1.0
-    subset_seed: int = 0
-    epochs: int = 30
-    batch_size: int = 88
-    clip_len: int = 16
-    stride: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    dropout: float = 0.25
-    label_smoothing: float = 0.1
-    class_weights: bool = True
-    freeze_epochs: int = 0
-    patience: int = 5
-    monitor: str = "auroc"  # auroc | loss (validation, study level)
-    optimizer: str = "adam"
-    schedule: str = "constant"
-    warmup_epochs: int = 0
-    grad_clip: float = 0.0
-    seed: int = 0
-    loader_workers: int = 2
-    val_clips: int = 2  # clips per video for the per-epoch validation
-    eval_clips: int = 4  # clips per video for the final evaluation
-    n_resamples: int = 2000
-    sample_timeout_s: float = 60.0
-    max_skipped_fraction: float = 0.01
-    cache_mb: int = 0
-    cache_decoded_mb: int = 0  # decoded-frame cache of the training videos (MiB); 0 = stream
-    steps_per_epoch: int = 0  # > 0: each epoch is this many batches drawn with replacement (any subset size)
-    amp: bool = True
-    evaluate_test: bool = True
-    tracking_uri: str | None = None
-    experiment: str = "echo-ssl-finetune"
-    run_name: str | None = None
-    mlflow_run_id: str | None = None
+    experiment: str = with_default(TrainConfig, "experiment", "echo-ssl-finetune")
+    init: str = setting("random", "random, kinetics, a state-dict file (local or s3://), or runs:/<pretraining run id>")
+    label_fraction: float = setting(1.0, "fraction of training patients with labels used (nested, stratified subsets)")
+    subset_seed: int = setting(0, "seed of the label subset")
+    dropout: float = setting(0.25, "dropout before the classifier")
+    label_smoothing: float = setting(0.1, "label smoothing of the BCE targets")
+    class_weights: bool = setting(True, "weight positives by the class balance")
+    freeze_epochs: int = setting(0, "epochs of linear probing (frozen backbone) before full fine-tuning")
+    patience: int = setting(5, "epochs without validation improvement before stopping")
+    monitor: str = setting("auroc", "validation metric (study level) for early stopping: auroc or loss")
+    steps_per_epoch: int = setting(0, "batches per epoch drawn with replacement from the labelled videos "
+                                      "(0: one pass over them)")
+    val_clips: int = setting(2, "clips per video in the per-epoch validation")
+    eval_clips: int = setting(4, "clips per video in the final evaluation")
+    n_resamples: int = setting(2000, "bootstrap resamples for the 95% CIs")
+    evaluate_test: bool = setting(True, "evaluate the best weights on the test split at the end")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 < self.label_fraction <= 1:
             raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
         if self.monitor not in ("auroc", "loss"):
             raise ValueError(f"monitor must be 'auroc' or 'loss', got {self.monitor!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        for name in ("epochs", "batch_size", "clip_len", "stride", "patience", "val_clips", "eval_clips"):
+        for name in ("patience", "val_clips", "eval_clips"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps_per_epoch", "cache_decoded_mb"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.steps_per_epoch < 0:
+            raise ValueError(f"steps_per_epoch must be >= 0, got {self.steps_per_epoch}")
 
     @property
     def normalization(self) -> str:
@@ -162,8 +144,8 @@ def training_rows(manifest, label_fraction: float, subset_seed: int) -> tuple[pd
     return train[train["patient_id"].isin(set(patients))].reset_index(drop=True), patients
 
 
-def _build_model(cfg: FinetuneConfig):
-    with resolve_init(cfg.init, cfg.tracking_uri) as init:
+def _build_model(cfg: FinetuneConfig, tracking_uri: str | None):
+    with resolve_init(cfg.init, tracking_uri) as init:
         backbone_init = init if init in ("random", "kinetics") else "random"
         model = ASClassifier(cfg.backbone, dropout=cfg.dropout, normalization=cfg.normalization, init=backbone_init)
         if backbone_init == "random" and init != "random":
@@ -181,11 +163,35 @@ def _validate(model, val: pd.DataFrame, cfg: FinetuneConfig, session: Session) -
     return {"val_loss": loss, "val_auroc": float(auroc(y, p))}
 
 
+def check_splits(manifest: Manifest, train: pd.DataFrame, evaluate_test: bool) -> None:
+    """Refuse, before any training, a data set whose final evaluation would fail.
+
+    The training rows (of the label fraction) need both classes; the validation split (and the
+    test split when it is evaluated) needs :data:`~echo.evaluation.metrics.MIN_CASES_PER_CLASS`
+    severe and as many non-severe studies, for the AUROC's DeLong interval. The error names the
+    manifest, the split and its counts.
+    """
+    if train["label"].nunique() < 2:
+        raise ValueError(f"manifest {manifest.uri}: the train split (label fraction) needs both severe and "
+                         "non-severe videos")
+    need = MIN_CASES_PER_CLASS
+    for split in ("val", "test") if evaluate_test else ("val",):
+        studies = manifest.split(split).groupby("study_id")["label"].max()
+        severe, other = int((studies == 1).sum()), int((studies == 0).sum())
+        if severe < need or other < need:
+            raise ValueError(
+                f"manifest {manifest.uri}: the {split} split has {severe} severe and {other} non-severe "
+                f"studies; the final evaluation (AUROC with DeLong's 95% CI) needs at least {need} of each. "
+                f"Move studies into {split}" + ("" if split == "val" else ", or pass --no-evaluate-test")
+            )
+
+
 def finetune_loop(config: dict[str, Any], session: Session | None = None,
                   decoded: dict[str, np.ndarray] | None = None) -> None:
-    """The per-worker (or per-trial) loop. ``config`` is a ``FinetuneConfig`` as a dict;
-    ``decoded`` as in ``echo.train.pretrain.pretrain_loop`` (a shared store of decoded videos)."""
-    cfg = FinetuneConfig(**config)
+    """The per-worker (or per-trial) loop. ``config``: a ``FinetuneConfig`` and its run
+    (``echo.train.settings.loop_config``); ``decoded`` as in ``echo.train.pretrain.pretrain_loop``
+    (a shared store of decoded videos)."""
+    cfg, run = from_loop_config(FinetuneConfig, config)
     session = session or RayTrainSession()
     device = session.device
     torch.manual_seed(cfg.seed)
@@ -194,7 +200,7 @@ def finetune_loop(config: dict[str, Any], session: Session | None = None,
     if cfg.steps_per_epoch:
         train = resample_rows(train, cfg.steps_per_epoch * cfg.batch_size * session.world_size, cfg.seed)
     val_rows = manifest.split("val")
-    core = _build_model(cfg)
+    core = _build_model(cfg, run.tracking_uri)
     model = session.wrap_model(core)
     n_pos = float((train["label"] == 1).sum())
     pos_weight = torch.tensor((len(train) - n_pos) / max(n_pos, 1.0)) if cfg.class_weights else torch.tensor(1.0)
@@ -211,7 +217,7 @@ def finetune_loop(config: dict[str, Any], session: Session | None = None,
                                            cfg.warmup_epochs, cfg.schedule)
     start_epoch, step, state = resume_state(session.latest_state(), core, optimizer, scheduler)
     best = state["best"] if state else {"metric": None, "epoch": 0, "model": copy.deepcopy(core.state_dict()), "bad": 0}
-    logger = rank0_logger(session, cfg.tracking_uri, cfg.mlflow_run_id, key="val_auroc")
+    logger = rank0_logger(session, run.tracking_uri, run.run_id, key="val_auroc")
     use_amp = cfg.amp and device.type == "cuda"
     sign = 1.0 if cfg.monitor == "auroc" else -1.0
     if state is not None and (start_epoch >= cfg.epochs or best["bad"] >= cfg.patience):
@@ -268,9 +274,9 @@ def finetune_loop(config: dict[str, Any], session: Session | None = None,
         )
 
 
-def finalize(model, cfg: FinetuneConfig, manifest, device: torch.device, best_epoch: int,
+def finalize(model, cfg: FinetuneConfig, run: RunState, manifest, device: torch.device, best_epoch: int,
              out_dir: str | None = None) -> dict[str, float]:
-    """Evaluate the best weights and record them in the run ``cfg.mlflow_run_id``.
+    """Evaluate the best weights and record them in the MLflow run ``run``.
 
     Thresholds come from the validation split; the test split (when ``cfg.evaluate_test``)
     is evaluated once. Logs metrics with CIs, plots, predictions, the subset's salted patient
@@ -278,19 +284,19 @@ def finalize(model, cfg: FinetuneConfig, manifest, device: torch.device, best_ep
     written to a temporary folder, removed once logged). Returns the metrics.
     """
     if out_dir:
-        return _finalize_in(Path(out_dir), model, cfg, manifest, device, best_epoch)
+        return _finalize_in(Path(out_dir), model, cfg, run, manifest, device, best_epoch)
     with tempfile.TemporaryDirectory(prefix="echo-eval-") as folder:
-        return _finalize_in(Path(folder), model, cfg, manifest, device, best_epoch)
+        return _finalize_in(Path(folder), model, cfg, run, manifest, device, best_epoch)
 
 
-def _finalize_in(folder: Path, model, cfg: FinetuneConfig, manifest, device: torch.device,
+def _finalize_in(folder: Path, model, cfg: FinetuneConfig, run: RunState, manifest, device: torch.device,
                  best_epoch: int) -> dict[str, float]:
     # Here, not at the top: MLflow's import costs seconds in every Ray worker that imports this module.
     import mlflow
 
     from echo.serve.pyfunc import log_model_bundle
 
-    tracking_uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
+    tracking_uri = run.tracking_uri
     model = model.to(device).eval()
 
     def videos_of(split: str) -> pd.DataFrame:
@@ -317,7 +323,7 @@ def _finalize_in(folder: Path, model, cfg: FinetuneConfig, manifest, device: tor
     subset.write_text(json.dumps({"label_fraction": cfg.label_fraction, "subset_seed": cfg.subset_seed,
                                   "salt": salt, "patient_hashes": hashes}, indent=1))
     files.append(subset)
-    log_evaluation(tracking_uri, cfg.mlflow_run_id, report, files)
+    log_evaluation(tracking_uri, run.run_id, report, files)
     first = manifest.split("val")["video_uri"].iloc[0]
     info = probe(storage.read_bytes(first), first)
     meta = {
@@ -326,50 +332,49 @@ def _finalize_in(folder: Path, model, cfg: FinetuneConfig, manifest, device: tor
         "pretrain_run_id": pretrain_run_id(cfg.init), "backbone": cfg.backbone, "clip_len": cfg.clip_len,
         "num_clips": cfg.eval_clips, "stride": cfg.stride,
         "threshold": min(1.0, thresholds.youden), "threshold_sens90": min(1.0, thresholds.sens90),
-        "manifest_sha256": manifest.sha256, "run_id": cfg.mlflow_run_id,
+        "manifest_sha256": manifest.sha256, "run_id": run.run_id,
         "val_auroc": report["val_final_auroc"],
         **{k: report[k] for k in report if k.startswith("test_auroc") or k.startswith("n_train")},
     }
     bundle = save_bundle(model.cpu(), meta, str(folder / "bundle"))
     mlflow.set_tracking_uri(tracking_uri)
     # The fluent API refuses a run of another experiment than the process's active one.
-    mlflow.set_experiment(experiment_id=tracking.client(tracking_uri).get_run(cfg.mlflow_run_id).info.experiment_id)
-    with mlflow.start_run(run_id=cfg.mlflow_run_id):
+    mlflow.set_experiment(experiment_id=tracking.client(tracking_uri).get_run(run.run_id).info.experiment_id)
+    with mlflow.start_run(run_id=run.run_id):
         log_model_bundle(bundle)
     return report
 
 
-def finalize_checkpoint(checkpoint, overrides: dict[str, Any] | None = None) -> dict[str, float]:
-    """``finalize`` the best weights held in a fine-tuning checkpoint (a Ray ``Checkpoint``).
+def finalize_checkpoint(checkpoint, run: RunState, overrides: dict[str, Any] | None = None) -> dict[str, float]:
+    """``finalize`` the best weights held in a fine-tuning checkpoint (a Ray ``Checkpoint``) into ``run``.
 
-    The run's config comes from the checkpoint; ``overrides`` replaces fields of it (the
-    MLflow run, ``evaluate_test``). Runs in the calling process, on CPU.
+    The config comes from the checkpoint; ``overrides`` replaces fields of it (``evaluate_test``).
+    Runs in the calling process, on CPU.
     """
     with checkpoint.as_directory() as folder:
         state = load_state(folder)
     cfg = FinetuneConfig(**{**json.loads(state["config"]), **(overrides or {})})
     model = ASClassifier(cfg.backbone, dropout=cfg.dropout, normalization=cfg.normalization)
     model.load_state_dict(state["best"]["model"])
-    return finalize(model, cfg, load_manifest(cfg.manifest), torch.device("cpu"), state["best"]["epoch"])
+    return finalize(model, cfg, run, load_manifest(cfg.manifest), torch.device("cpu"), state["best"]["epoch"])
 
 
 def run_finetune(cfg: FinetuneConfig, ray_opts: RayOptions, resume: bool = False,
                  ray_address: str | None = None) -> str:
     """Validate, create (or find, with ``resume``) the MLflow run, train on Ray, evaluate the best
-    weights; return the run ID."""
-    cfg.manifest = absolute_uri(cfg.manifest)
+    weights; return the run ID. A split the final evaluation needs but cannot score stops it
+    here, before training (see :func:`check_splits`)."""
+    cfg = dataclasses.replace(cfg, manifest=absolute_uri(cfg.manifest))
     manifest = load_manifest(cfg.manifest)
     train, _ = training_rows(manifest, cfg.label_fraction, cfg.subset_seed)
-    val = manifest.split("val")
-    for name, rows in (("train (label fraction)", train), ("val", val)):
-        if rows["label"].nunique() < 2:
-            raise ValueError(f"manifest {cfg.manifest}: the {name} split needs both severe and non-severe videos")
+    check_splits(manifest, train, cfg.evaluate_test)
     n_studies = int(train["study_id"].nunique())
-    run_id = open_tracked_run(cfg, ray_opts, resume, "finetune", f"finetune-{cfg.label_fraction:g}", manifest.sha256,
-                              tags={"echo.label_fraction": f"{cfg.label_fraction:g}", "echo.init": cfg.init},
-                              params={"n_train_studies": n_studies})
+    run = open_tracked_run(cfg, ray_opts, resume, "finetune", f"finetune-{cfg.label_fraction:g}", manifest.sha256,
+                           tags={"echo.label_fraction": f"{cfg.label_fraction:g}", "echo.init": cfg.init},
+                           params={"n_train_studies": n_studies})
     progress(f"fine-tuning {cfg.backbone} from {cfg.init} on {n_studies} training studies "
-             f"({cfg.label_fraction:g} of labels); MLflow run {run_id}")
-    fit_tracked(finetune_loop, cfg, ray_opts, ray_address, then=lambda result: finalize_checkpoint(result.checkpoint))
-    print(f"fine-tuning finished; MLflow run {run_id} (model runs:/{run_id}/model)", flush=True)
-    return run_id
+             f"({cfg.label_fraction:g} of labels); MLflow run {run.run_id}")
+    fit_tracked(finetune_loop, cfg, run, ray_opts, ray_address,
+                then=lambda result: finalize_checkpoint(result.checkpoint, run))
+    print(f"fine-tuning finished; MLflow run {run.run_id} (model runs:/{run.run_id}/model)", flush=True)
+    return run.run_id

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from echo import tracking
 from echo.data import storage
+from echo.train.settings import RunState, loop_config, setting
 
 __all__ = ["connect", "TRAIN_DRIVER", "RayOptions", "fit_on_ray", "storage_for", "new_run_name", "open_tracked_run",
            "fit_tracked"]
@@ -108,17 +109,16 @@ def storage_for(uri: str) -> tuple[str, Any]:
 class RayOptions:
     """How a job runs on Ray Train."""
 
-    workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    storage: str = "./runs"
-    run_name: str = "echo-run"
-    max_failures: int = 2
-    collective_timeout_s: int = 300
-    num_to_keep: int = 2
+    workers: int = setting(1, "Ray Train workers (DDP ranks)")
+    cpus_per_worker: float = setting(1.0, "CPUs per worker (fractions allowed)")
+    gpus_per_worker: float = setting(0.0, "GPUs per worker (0: CPU with gloo)")
+    storage: str = setting("./runs", "checkpoint location: a local folder or s3://bucket/prefix")
+    max_failures: int = setting(2, "worker-group restarts allowed")
+    collective_timeout_s: int = setting(300, "seconds a collective may block before the group is failed and restarted")
+    num_to_keep: int = setting(2, "checkpoints kept per run")
 
 
-def fit_on_ray(loop: Callable[[dict], None], config: dict[str, Any], opts: RayOptions):
+def fit_on_ray(loop: Callable[[dict], None], config: dict[str, Any], opts: RayOptions, run_name: str):
     """Run ``loop(config)`` on ``opts.workers`` Ray Train workers and return the ``Result``.
 
     Re-running with the same ``run_name`` and ``storage`` resumes the run from its latest
@@ -138,7 +138,7 @@ def fit_on_ray(loop: Callable[[dict], None], config: dict[str, Any], opts: RayOp
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=opts.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=opts.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=opts.run_name,
+            name=run_name,
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=opts.max_failures),
@@ -148,7 +148,7 @@ def fit_on_ray(loop: Callable[[dict], None], config: dict[str, Any], opts: RayOp
     )
     started = time.monotonic()
     result = trainer.fit()
-    log.info("run %s finished in %.0f s", opts.run_name, time.monotonic() - started)
+    log.info("run %s finished in %.0f s", run_name, time.monotonic() - started)
     return result
 
 
@@ -159,46 +159,42 @@ def new_run_name(prefix: str) -> str:
 
 def open_tracked_run(cfg: Any, ray_opts: RayOptions, resume: bool, job: str, default_name: str,
                      manifest_sha256: str, tags: dict[str, str] | None = None,
-                     params: dict[str, Any] | None = None) -> str:
-    """Name the run and create its MLflow run (or, with ``resume``, find it); return the run ID.
+                     params: dict[str, Any] | None = None) -> RunState:
+    """Name the run and create its MLflow run (or, with ``resume``, find it); return its state.
 
-    ``cfg`` is a job config dataclass with ``tracking_uri``, ``experiment``, ``run_name`` and
-    ``mlflow_run_id``; those are filled in, and all of ``cfg``, the Ray options and ``params``
-    are logged as the run's parameters. The Ray run name equals the MLflow ``echo.run_name`` tag,
-    which is how ``--resume --run-name`` finds both.
+    ``cfg`` is a job config (:class:`echo.train.settings.TrainConfig`), left as the user gave
+    it. All of it, the Ray options and ``params`` are logged as the run's parameters, with the
+    resolved tracking URI and the run name. The Ray run name equals the MLflow
+    ``echo.run_name`` tag, which is how ``--resume --run-name`` finds both.
     """
-
-    cfg.tracking_uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
+    uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
     if resume and not cfg.run_name:
         raise ValueError("--resume needs --run-name: the name of the run to continue")
-    cfg.run_name = cfg.run_name or new_run_name(default_name)
-    ray_opts.run_name = cfg.run_name
-    run_id = tracking.find_run(cfg.tracking_uri, cfg.experiment, "echo.run_name", cfg.run_name) if resume else None
+    name = cfg.run_name or new_run_name(default_name)
+    run_id = tracking.find_run(uri, cfg.experiment, "echo.run_name", name) if resume else None
     if resume and run_id is None:
-        raise ValueError(f"--resume: no MLflow run tagged echo.run_name={cfg.run_name} in experiment {cfg.experiment}")
+        raise ValueError(f"--resume: no MLflow run tagged echo.run_name={name} in experiment {cfg.experiment}")
     if run_id is None:
-        run_id = tracking.create_run(cfg.tracking_uri, cfg.experiment, cfg.run_name,
-                                     tags={"echo.run_name": cfg.run_name, "echo.job": job,
+        run_id = tracking.create_run(uri, cfg.experiment, name,
+                                     tags={"echo.run_name": name, "echo.job": job,
                                            "echo.manifest_sha256": manifest_sha256, **(tags or {})})
-    cfg.mlflow_run_id = run_id
-    logged = dataclasses.asdict(cfg)
+    logged = {**dataclasses.asdict(cfg), "tracking_uri": uri, "run_name": name}
     logged.update(workers=ray_opts.workers, gpus_per_worker=ray_opts.gpus_per_worker, storage=ray_opts.storage,
                   manifest_sha256=manifest_sha256, **(params or {}))
-    tracking.log_params(cfg.tracking_uri, run_id, logged)
-    return run_id
+    tracking.log_params(uri, run_id, logged)
+    return RunState(tracking_uri=uri, run_id=run_id, run_name=name)
 
 
-def fit_tracked(loop: Callable[[dict], None], cfg: Any, ray_opts: RayOptions, ray_address: str | None,
+def fit_tracked(loop: Callable[[dict], None], cfg: Any, run: RunState, ray_opts: RayOptions, ray_address: str | None,
                 then: Callable[[Any], None] | None = None):
     """``fit_on_ray`` (then ``then(result)``) with the MLflow run marked FINISHED or FAILED."""
-
     connect(ray_address)
     try:
-        result = fit_on_ray(loop, dataclasses.asdict(cfg), ray_opts)
+        result = fit_on_ray(loop, loop_config(cfg, run), ray_opts, run.run_name or "echo-run")
         if then is not None:
             then(result)
     except Exception:
-        tracking.set_terminated(cfg.tracking_uri, cfg.mlflow_run_id, "FAILED")
+        tracking.set_terminated(run.tracking_uri, run.run_id, "FAILED")
         raise
-    tracking.set_terminated(cfg.tracking_uri, cfg.mlflow_run_id)
+    tracking.set_terminated(run.tracking_uri, run.run_id)
     return result

@@ -7,6 +7,8 @@ from typing import Iterable
 
 import torch
 
+from echo.train.settings import OPTIMIZERS, SCHEDULES
+
 __all__ = ["build_optimizer", "optimizer_step"]
 
 
@@ -32,9 +34,9 @@ def build_optimizer(
     elif name == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
     else:
-        raise ValueError(f"unknown optimizer {name!r} (adam, adamw, sgd)")
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"unknown schedule {schedule!r} (constant, cosine)")
+        raise ValueError(f"unknown optimizer {name!r} ({', '.join(OPTIMIZERS)})")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r} ({', '.join(SCHEDULES)})")
 
     def factor(epoch: int) -> float:
         if epoch < warmup_epochs:

@@ -11,13 +11,14 @@ and at each probe epoch measures on the validation patients whether the objectiv
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,56 +41,37 @@ from echo.train.launch import RayOptions, fit_tracked, open_tracked_run
 from echo.train.losses import NTXentLoss, frame_order_loss
 from echo.train.optim import build_optimizer, optimizer_step
 from echo.train.session import RayTrainSession, Session, progress, rank0_logger
+from echo.train.settings import RunState, TrainConfig, from_loop_config, loop_config, setting, with_default
 
 __all__ = ["PretrainConfig", "pretrain_loop", "run_pretrain"]
 
 log = logging.getLogger(__name__)
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(TrainConfig):
     """Every setting of a pretraining run; defaults are the published ones (method.md)."""
 
-    manifest: str
-    method: str = "echoclr"
-    backbone: str = "r3d_18"
-    backbone_init: str = "random"
-    splits: list[str] = field(default_factory=lambda: ["unlabeled", "train"])
-    epochs: int = 300
-    batch_size: int = 196  # per worker
-    clip_len: int = 4
-    stride: int = 1
-    lr: float = 0.1
-    optimizer: str = "adam"
-    schedule: str = "constant"
-    warmup_epochs: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 0.0  # max gradient norm; 0 disables
-    temperature: float = 0.05
-    order_weight: float = 1.0
-    seed: int = 0
-    loader_workers: int = 2
-    sample_timeout_s: float = 60.0
-    max_skipped_fraction: float = 0.01
-    cache_mb: int = 0
-    cache_decoded_mb: int = 0  # decoded-frame cache budget (MiB); 0 = stream every sample
-    checkpoint_every: int = 1
-    probe_every: int = 5
-    amp: bool = True  # bf16 autocast and channels_last_3d, on CUDA only
-    tracking_uri: str | None = None
-    experiment: str = "echo-ssl-pretrain"
-    run_name: str | None = None
-    mlflow_run_id: str | None = None
+    epochs: int = with_default(TrainConfig, "epochs", 300)
+    batch_size: int = with_default(TrainConfig, "batch_size", 196, "clip pairs per worker per step")
+    clip_len: int = with_default(TrainConfig, "clip_len", 4)
+    lr: float = with_default(TrainConfig, "lr", 0.1)
+    experiment: str = with_default(TrainConfig, "experiment", "echo-ssl-pretrain")
+    method: str = setting("echoclr", f"one of {', '.join(SSL_METHODS)}")
+    backbone_init: str = setting("random", "random, kinetics, or a state-dict file (local or s3://)")
+    splits: list[str] = setting(help="manifest splits to pretrain on", factory=lambda: ["unlabeled", "train"])
+    temperature: float = setting(0.05, "NT-Xent temperature")
+    order_weight: float = setting(1.0, "weight of the frame-order loss (echoclr)")
+    checkpoint_every: int = setting(1, "epochs between checkpoints")
+    probe_every: int = setting(5, "epochs between linear-probe AUROCs and gates on val (0: never)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.method not in SSL_METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(SSL_METHODS)}")
         if isinstance(self.splits, str):
             self.splits = [s.strip() for s in self.splits.split(",") if s.strip()]
-        if self.cache_decoded_mb < 0:
-            raise ValueError(f"cache_decoded_mb must be >= 0, got {self.cache_decoded_mb}")
-        for name in ("epochs", "batch_size", "clip_len", "stride", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
@@ -118,10 +100,10 @@ def _probe_auc(model: torch.nn.Module, manifest, cfg: PretrainConfig, device: to
 
 def pretrain_loop(config: dict[str, Any], session: Session | None = None,
                   decoded: dict[str, np.ndarray] | None = None) -> None:
-    """The per-worker loop. ``config`` is a ``PretrainConfig`` as a dict; ``decoded``, for
-    in-process callers running several jobs on the same videos, is a store of decoded videos
-    shared by their decoded-frame caches (``ClipDataset.cache_decoded``)."""
-    cfg = PretrainConfig(**config)
+    """The per-worker loop. ``config``: a ``PretrainConfig`` and its run (``echo.train.settings.loop_config``);
+    ``decoded``, for in-process callers running several jobs on the same videos, is a store of
+    decoded videos shared by their decoded-frame caches (``ClipDataset.cache_decoded``)."""
+    cfg, run = from_loop_config(PretrainConfig, config)
     session = session or RayTrainSession()
     device = session.device
     torch.manual_seed(cfg.seed)
@@ -149,7 +131,7 @@ def pretrain_loop(config: dict[str, Any], session: Session | None = None,
                                            cfg.warmup_epochs, cfg.schedule)
     criterion = NTXentLoss(temperature=cfg.temperature)
     start_epoch, step, _ = resume_state(session.latest_state(), core, optimizer, scheduler)
-    logger = rank0_logger(session, cfg.tracking_uri, cfg.mlflow_run_id, key="loss")
+    logger = rank0_logger(session, run.tracking_uri, run.run_id, key="loss")
     if start_epoch:
         progress(f"resuming at epoch {start_epoch + 1}/{cfg.epochs} (step {step})")
         logger.log({"resumed_at_epoch": start_epoch}, start_epoch, once_key="resumed_at_epoch")
@@ -226,14 +208,14 @@ def pretrain_loop(config: dict[str, Any], session: Session | None = None,
             + f"  {metrics['clips_per_s']:.0f} clips/s  data wait {100 * metrics['data_wait_fraction']:.0f}%"
             + (f"  skipped {int(skipped)}" if skipped else "")
         )
-    if session.rank == 0 and cfg.mlflow_run_id:
-        _log_encoder(core, cfg)
+    if session.rank == 0 and run.run_id:
+        _log_encoder(core, cfg, run)
 
 
 ENCODER_ARTIFACT = "encoder"
 
 
-def _log_encoder(model, cfg: PretrainConfig) -> None:
+def _log_encoder(model, cfg: PretrainConfig, run: RunState) -> None:
     """Log the encoder (backbone) as a state dict plus a JSON description, under ``encoder/``."""
     with tempfile.TemporaryDirectory() as folder:
         buf = io.BytesIO()
@@ -248,14 +230,12 @@ def _log_encoder(model, cfg: PretrainConfig) -> None:
             "sha256": hashlib.sha256(data).hexdigest(),
         }
         (Path(folder) / "encoder.json").write_text(json.dumps(meta, indent=2))
-        tracking.client(tracking.resolve_tracking_uri(cfg.tracking_uri)).log_artifacts(
-            cfg.mlflow_run_id, folder, ENCODER_ARTIFACT
-        )
+        tracking.client(run.tracking_uri).log_artifacts(run.run_id, folder, ENCODER_ARTIFACT)
 
 
 def run_pretrain(cfg: PretrainConfig, ray_opts: RayOptions, resume: bool = False, ray_address: str | None = None) -> str:
     """Validate, create (or, with ``resume``, find) the MLflow run, train on Ray; return the run ID."""
-    cfg.manifest = absolute_uri(cfg.manifest)
+    cfg = dataclasses.replace(cfg, manifest=absolute_uri(cfg.manifest))
     manifest = load_manifest(cfg.manifest)  # fails fast, before any worker starts
     rows = manifest.split(*cfg.splits)
     if len(rows) < cfg.batch_size * ray_opts.workers:
@@ -263,8 +243,8 @@ def run_pretrain(cfg: PretrainConfig, ray_opts: RayOptions, resume: bool = False
             f"manifest {cfg.manifest} has {len(rows)} videos in splits {cfg.splits}: fewer than one global batch "
             f"({cfg.batch_size} x {ray_opts.workers} workers); lower --batch-size"
         )
-    run_id = open_tracked_run(cfg, ray_opts, resume, "pretrain", f"pretrain-{cfg.method}", manifest.sha256)
-    progress(f"pretraining {cfg.method} on {len(rows)} videos with {ray_opts.workers} worker(s); MLflow run {run_id}")
-    fit_tracked(pretrain_loop, cfg, ray_opts, ray_address)
-    print(f"pretraining finished; MLflow run {run_id} (fine-tune with --init runs:/{run_id})", flush=True)
-    return run_id
+    run = open_tracked_run(cfg, ray_opts, resume, "pretrain", f"pretrain-{cfg.method}", manifest.sha256)
+    progress(f"pretraining {cfg.method} on {len(rows)} videos with {ray_opts.workers} worker(s); MLflow run {run.run_id}")
+    fit_tracked(pretrain_loop, cfg, run, ray_opts, ray_address)
+    print(f"pretraining finished; MLflow run {run.run_id} (fine-tune with --init runs:/{run.run_id})", flush=True)
+    return run.run_id

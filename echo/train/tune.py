@@ -28,11 +28,14 @@ from echo import tracking
 from echo.data.manifest import absolute_uri, load_manifest
 from echo.evaluation import plots
 from echo.serve.registry import DEFAULT_NAME, register
-from echo.train.finetune import FinetuneConfig, finalize_checkpoint, finetune_loop, resolve_init, training_rows
+from echo.train.finetune import (FinetuneConfig, check_splits, finalize_checkpoint, finetune_loop, resolve_init,
+                                 training_rows)
 from echo.train.launch import connect, new_run_name, storage_for
 from echo.train.session import TuneSession, progress
+from echo.train.settings import Flatten, RunState, loop_config, setting
 
-__all__ = ["TuneConfig", "DEFAULT_SPACE", "run_search", "search_space", "cell_name"]
+__all__ = ["TuneConfig", "CELL_FIELDS", "TRIAL_DEFAULTS", "DEFAULT_SPACE", "trial_base", "run_search", "search_space",
+           "cell_name"]
 
 log = logging.getLogger(__name__)
 
@@ -46,41 +49,50 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
 }
 
 
+# Fine-tuning settings that each cell of a search sets, and those only the search's end uses.
+CELL_FIELDS = ("init", "label_fraction", "subset_seed")
+_NOT_SEARCH_OPTIONS = (*CELL_FIELDS, "evaluate_test", "run_name")
+# A search's trials differ from a fine-tuning run in these defaults.
+TRIAL_DEFAULTS: dict[str, Any] = {"experiment": "echo-ssl-tune", "loader_workers": 0}
+
+
+def trial_base(**settings: Any) -> FinetuneConfig:
+    """The fine-tuning settings a search's trials share: ``FinetuneConfig`` with :data:`TRIAL_DEFAULTS`."""
+    return FinetuneConfig(**{**TRIAL_DEFAULTS, **settings})
+
+
 @dataclass
 class TuneConfig:
-    """A search: the cells, the space, the trial budget, and the fixed fine-tuning settings."""
+    """A search: the fine-tuning every trial runs, the cells, the space and the trial budget."""
 
-    manifest: str
-    fractions: list[str] = field(default_factory=lambda: ["0.01", "0.05", "0.1", "0.25", "1.0"])
-    inits: list[str] = field(default_factory=lambda: ["random"])
-    subset_seeds: list[str] = field(default_factory=lambda: ["0"])
-    backbone: str = "r3d_18"
-    epochs: int = 30
-    batch_size: int = 88
-    clip_len: int = 16
-    patience: int = 5
-    num_samples: int = 8
-    max_concurrent: int = 2
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    search_alg: str = "random"  # random (Tune's BasicVariantGenerator)
-    scheduler: str = "asha"  # asha | fifo
-    grace_period: int = 2
-    space: str = ""  # JSON/YAML mapping overriding DEFAULT_SPACE entries
-    loader_workers: int = 0
-    val_clips: int = 2
-    eval_clips: int = 4
-    n_resamples: int = 2000
-    seed: int = 0
-    out: str = "./tune-out"
-    storage: str = "./runs"
-    name: str | None = None
-    register: bool = False
-    model_name: str = DEFAULT_NAME
-    tracking_uri: str | None = None
-    experiment: str = "echo-ssl-tune"
+    base: FinetuneConfig = setting(
+        help="the fine-tuning settings every trial shares (each is a flag of its own); a cell sets init, "
+             "label fraction and subset seed, the space the searched ones",
+        flatten=Flatten(omit=_NOT_SEARCH_OPTIONS, defaults=TRIAL_DEFAULTS))
+    fractions: list[str] = setting(help="label fractions to search",
+                                   factory=lambda: ["0.01", "0.05", "0.1", "0.25", "1.0"])
+    inits: list[str] = setting(help="initialisations: random, kinetics, a weights file, runs:/<pretraining run id>",
+                               factory=lambda: ["random"])
+    subset_seeds: list[str] = setting(help="seeds of the label subsets (several show the spread that subset "
+                                           "choice causes)", factory=lambda: ["0"])
+    num_samples: int = setting(8, "trials per (fraction, init, subset seed)")
+    max_concurrent: int = setting(2, "trials running at once")
+    cpus_per_trial: float = setting(1.0, "CPUs per trial (fractions allowed)")
+    gpus_per_trial: float = setting(0.0, "GPUs per trial (fractions allowed)")
+    search_alg: str = setting("random", "search algorithm: random (Tune's BasicVariantGenerator)")
+    scheduler: str = setting("asha", "asha (early stopping on validation AUROC) or fifo")
+    grace_period: int = setting(2, "epochs before ASHA may stop a trial")
+    space: str = setting("", "search space overrides, JSON/YAML: {lr: {loguniform: [1e-5, 1e-3]}, "
+                             "dropout: {choice: [0, 0.25]}}")
+    out: str = setting("./tune-out", "folder for the table (CSV, Markdown) and the label-efficiency plot")
+    storage: str = setting("./runs", "Tune experiment storage: a local folder or s3://bucket/prefix")
+    name: str | None = setting(None, "search name (storage folder and MLflow parent run); give it with --resume")
+    register: bool = setting(False, "register the best model per label fraction in the MLflow registry")
+    model_name: str = setting(DEFAULT_NAME, "registered model name")
 
     def __post_init__(self) -> None:
+        if isinstance(self.base, dict):
+            self.base = FinetuneConfig(**self.base)
         for name in ("fractions", "inits", "subset_seeds"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -94,6 +106,12 @@ class TuneConfig:
             raise ValueError(f"scheduler must be asha or fifo, got {self.scheduler!r}")
         if self.search_alg != "random":
             raise ValueError(f"search_alg {self.search_alg!r} is not available; use random")
+
+    def params(self, tracking_uri: str) -> dict[str, Any]:
+        """Every setting, flat, as the search's MLflow params (the tracking URI as resolved)."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "base"}
+        base = {k: v for k, v in dataclasses.asdict(self.base).items() if k not in _NOT_SEARCH_OPTIONS}
+        return {**base, **own, "tracking_uri": tracking_uri}
 
 
 def search_space(overrides: str | dict | None) -> dict[str, Any]:
@@ -142,31 +160,27 @@ def _trial(config: dict[str, Any]) -> None:
 
     for name in ("ray.train", "ray.tune"):  # one progress line per epoch is ours; no per-report logs
         logging.getLogger(name).setLevel(logging.WARNING)
-    base = dict(config["base"])
-    base.update({k: v for k, v in config.items() if k != "base"})
-    context = ray.tune.get_context()
-    trial_id = context.get_trial_id()
-    uri = base["tracking_uri"]
-    run_id = tracking.find_run(uri, base["experiment"], "echo.trial_id", trial_id)
+    job = config["job"]
+    hyper = {k: v for k, v in config.items() if k != "job"}
+    cfg = FinetuneConfig(**{**job["config"], **hyper})
+    trial_id = ray.tune.get_context().get_trial_id()
+    uri = cfg.tracking_uri  # resolved by run_search: no credentials
+    run_id = tracking.find_run(uri, cfg.experiment, "echo.trial_id", trial_id)
     if run_id is None:
         run_id = tracking.create_run(
-            uri, base["experiment"], f"trial-{trial_id}", parent_run_id=base.pop("parent_run_id"),
-            tags={"echo.trial_id": trial_id, "echo.label_fraction": f"{base['label_fraction']:g}",
-                  "echo.init": base["init"], "echo.subset_seed": str(base["subset_seed"]), "echo.cell": base.pop("cell")},
+            uri, cfg.experiment, f"trial-{trial_id}", parent_run_id=job["parent_run_id"],
+            tags={"echo.trial_id": trial_id, "echo.label_fraction": f"{cfg.label_fraction:g}",
+                  "echo.init": cfg.init, "echo.subset_seed": str(cfg.subset_seed), "echo.cell": job["cell"]},
         )
-        tracking.log_params(uri, run_id, {k: v for k, v in config.items() if k != "base"})
-    base.pop("parent_run_id", None)
-    base.pop("cell", None)
-    base["mlflow_run_id"] = run_id
-    torch.set_num_threads(max(1, int(config["base"].get("threads", 1))))
-    base.pop("threads", None)
-    finetune_loop(base, session=TuneSession())
+        tracking.log_params(uri, run_id, dataclasses.asdict(cfg))  # every setting of the trial, searched or fixed
+    torch.set_num_threads(job["threads"])
+    finetune_loop(loop_config(cfg, RunState(tracking_uri=uri, run_id=run_id)), session=TuneSession())
     if tracking.client(uri).get_run(run_id).info.status != "FINISHED":
         tracking.set_terminated(uri, run_id)
 
 
-def _run_cell(cfg: TuneConfig, fraction: str, init: str, subset_seed: str, parent_run_id: str, search_name: str,
-              resume: bool):
+def _run_cell(cfg: TuneConfig, tracking_uri: str, fraction: str, init: str, subset_seed: str, parent_run_id: str,
+              search_name: str, resume: bool):
     """Run (or restore) one cell's Tune experiment; returns its ``ResultGrid``."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -174,15 +188,10 @@ def _run_cell(cfg: TuneConfig, fraction: str, init: str, subset_seed: str, paren
     from echo.train import tune_state  # imports ray.tune: here, so that `echo-ssl tune --help` stays light
 
     name = cell_name(fraction, init, subset_seed)
-    base = FinetuneConfig(
-        manifest=cfg.manifest, init=init, backbone=cfg.backbone, label_fraction=float(fraction),
-        subset_seed=int(subset_seed), epochs=cfg.epochs, batch_size=cfg.batch_size, clip_len=cfg.clip_len,
-        patience=cfg.patience, seed=cfg.seed, loader_workers=cfg.loader_workers, val_clips=cfg.val_clips,
-        eval_clips=cfg.eval_clips, n_resamples=cfg.n_resamples, evaluate_test=False,
-        tracking_uri=cfg.tracking_uri, experiment=cfg.experiment,
-    )
-    base_dict = dataclasses.asdict(base)
-    base_dict.update(parent_run_id=parent_run_id, cell=name, threads=max(1, int(cfg.cpus_per_trial)))
+    base = dataclasses.replace(cfg.base, init=init, label_fraction=float(fraction), subset_seed=int(subset_seed),
+                               evaluate_test=False, tracking_uri=tracking_uri)
+    job = {"config": dataclasses.asdict(base), "parent_run_id": parent_run_id, "cell": name,
+           "threads": max(1, int(cfg.cpus_per_trial))}
     trainable = tune.with_resources(_trial, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     storage_path, filesystem = storage_for(os.path.join(cfg.storage, search_name) if not cfg.storage.startswith("s3://")
                                            else f"{cfg.storage.rstrip('/')}/{search_name}")
@@ -195,10 +204,11 @@ def _run_cell(cfg: TuneConfig, fraction: str, init: str, subset_seed: str, paren
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=filesystem)
     else:
-        scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.epochs, grace_period=min(cfg.grace_period, cfg.epochs))
+        epochs = cfg.base.epochs
+        scheduler = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(cfg.grace_period, epochs))
                      if cfg.scheduler == "asha" else FIFOScheduler())
         space = search_space(cfg.space)
-        space["base"] = base_dict
+        space["job"] = job
         tuner = tune.Tuner(
             trainable,
             param_space=space,
@@ -222,44 +232,48 @@ def _best(grid) -> Any:
     return max(results, key=lambda r: r.metrics["best_val_auroc"])
 
 
-def _finalize_best(cfg: TuneConfig, result) -> tuple[dict, str]:
+def _finalize_best(cfg: TuneConfig, tracking_uri: str, result) -> tuple[dict, str]:
     """Evaluate the best trial's best weights on test (once) and log them to its MLflow run."""
-    run_id = tracking.find_run(cfg.tracking_uri, cfg.experiment, "echo.trial_id", result.metrics["trial_id"])
-    report = finalize_checkpoint(result.checkpoint, {"mlflow_run_id": run_id, "evaluate_test": True})
-    tracking.client(cfg.tracking_uri).set_tag(run_id, "best", "true")
-    hyper = {k: result.config[k] for k in result.config if k != "base"}
+    run_id = tracking.find_run(tracking_uri, cfg.base.experiment, "echo.trial_id", result.metrics["trial_id"])
+    report = finalize_checkpoint(result.checkpoint, RunState(tracking_uri=tracking_uri, run_id=run_id),
+                                 {"evaluate_test": True})
+    tracking.client(tracking_uri).set_tag(run_id, "best", "true")
+    hyper = {k: result.config[k] for k in result.config if k != "job"}
     return {"report": report, "hyper": hyper, "run_id": run_id}, run_id
 
 
 def run_search(cfg: TuneConfig, resume: bool = False, ray_address: str | None = None) -> pd.DataFrame:
     """Run the whole search; write the table and plot under ``cfg.out``; return the table."""
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    manifest = load_manifest(cfg.manifest)  # a bad manifest stops the search before it starts
-    cfg.manifest = absolute_uri(cfg.manifest)
-    cfg.tracking_uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
+    manifest = load_manifest(cfg.base.manifest)  # a bad manifest stops the search before it starts
+    cfg = dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, manifest=absolute_uri(cfg.base.manifest)))
+    uri = tracking.resolve_tracking_uri(cfg.base.tracking_uri)
+    experiment = cfg.base.experiment
     if resume and not cfg.name:
         raise ValueError("--resume needs --name: the search to continue")
-    cfg.name = cfg.name or new_run_name("search")
+    name = cfg.name or new_run_name("search")
+    cells = [(f, i, s) for f in cfg.fractions for i in cfg.inits for s in cfg.subset_seeds]
+    for fraction, _, subset_seed in cells:  # the best trials are evaluated on test: refuse what would fail there
+        check_splits(manifest, training_rows(manifest, float(fraction), int(subset_seed))[0], evaluate_test=True)
     for init in cfg.inits:
         if init not in ("random", "kinetics"):
-            with resolve_init(init, cfg.tracking_uri):  # a bad pretraining run fails now, not in every trial
+            with resolve_init(init, uri):  # a bad pretraining run fails now, not in every trial
                 pass
-    parent = tracking.find_run(cfg.tracking_uri, cfg.experiment, "echo.search_name", cfg.name) if resume else None
+    parent = tracking.find_run(uri, experiment, "echo.search_name", name) if resume else None
     if parent is None:
-        parent = tracking.create_run(cfg.tracking_uri, cfg.experiment, cfg.name,
-                                     tags={"echo.search_name": cfg.name, "echo.job": "tune",
+        parent = tracking.create_run(uri, experiment, name,
+                                     tags={"echo.search_name": name, "echo.job": "tune",
                                            "echo.manifest_sha256": manifest.sha256})
-        tracking.log_params(cfg.tracking_uri, parent, dataclasses.asdict(cfg))
+        tracking.log_params(uri, parent, cfg.params(uri))
     connect(ray_address)
     rows = []
-    cells = [(f, i, s) for f in cfg.fractions for i in cfg.inits for s in cfg.subset_seeds]
     for n, (fraction, init, subset_seed) in enumerate(cells, 1):
         train, _ = training_rows(manifest, float(fraction), int(subset_seed))
         progress(f"[{n}/{len(cells)}] fraction {float(fraction):g}, init {init}, subset seed {subset_seed}: "
                  f"{train['study_id'].nunique()} labelled studies, {cfg.num_samples} trials")
-        grid = _run_cell(cfg, fraction, init, subset_seed, parent, cfg.name, resume)
+        grid = _run_cell(cfg, uri, fraction, init, subset_seed, parent, name, resume)
         best = _best(grid)
-        found, run_id = _finalize_best(cfg, best)
+        found, run_id = _finalize_best(cfg, uri, best)
         rep = found["report"]
         rows.append({
             "init": init, "label_fraction": float(fraction), "subset_seed": int(subset_seed),
@@ -277,12 +291,12 @@ def run_search(cfg: TuneConfig, resume: bool = False, ray_address: str | None = 
     table.to_csv(out / "label_efficiency.csv", index=False)
     (out / "label_efficiency.md").write_text(_markdown(table))
     plots.plot_label_efficiency(table, str(out / "label_efficiency.png"))
-    c = tracking.client(cfg.tracking_uri)
+    c = tracking.client(uri)
     for f in ("label_efficiency.csv", "label_efficiency.md", "label_efficiency.png", "trials_best.csv"):
         c.log_artifact(parent, str(out / f), "results")
-    tracking.set_terminated(cfg.tracking_uri, parent)
+    tracking.set_terminated(uri, parent)
     if cfg.register:
-        _register_best(cfg, detail)
+        _register_best(cfg, uri, detail)
     print(_markdown(table), flush=True)
     return table
 
@@ -311,9 +325,9 @@ def _markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _register_best(cfg: TuneConfig, detail: pd.DataFrame) -> None:
+def _register_best(cfg: TuneConfig, tracking_uri: str, detail: pd.DataFrame) -> None:
     """Register, per label fraction, the best run across inits (chosen on validation AUROC)."""
     for fraction, part in detail.groupby("label_fraction"):
         best = part.loc[part["val_auroc"].idxmax()]
-        version = register(f"runs:/{best['best_run_id']}/model", name=cfg.model_name, tracking_uri=cfg.tracking_uri)
+        version = register(f"runs:/{best['best_run_id']}/model", name=cfg.model_name, tracking_uri=tracking_uri)
         progress(f"registered {cfg.model_name} version {version} (fraction {fraction:g}, init {best['init']})")
