@@ -197,7 +197,7 @@ def _run_cell(cfg: TuneConfig, tracking_uri: str, fraction: str, init: str, subs
                                            else f"{cfg.storage.rstrip('/')}/{search_name}")
     path = f"{storage_path}/{name}"
     restorable = tune.Tuner.can_restore(path, storage_filesystem=filesystem) if resume else False
-    where = (cfg.tracking_uri, parent_run_id, name, path, filesystem)
+    where = (tracking_uri, parent_run_id, name, path, filesystem)
     if restorable:
         checked = tune_state.verify_experiment(*where)  # before anything there is unpickled
         progress(f"  resuming cell {name} ({checked} state files match the digests recorded in MLflow)")
