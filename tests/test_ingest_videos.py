@@ -16,9 +16,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 from scipy import ndimage
-from videofiles import BURNED_TEXT, TEXT_CORNER, b_frames, decode_all, echo_frames, has_edit_list, write_video
+from videofiles import BURNED_TEXT, TEXT_CORNER, b_frames, decode_all, echo_frames, has_edit_list, trim_edit_list, write_video
 
 from echo.commands import ingest as ingest_command
+from echo.commands import manifest_check
 from echo.data import storage
 from echo.data.manifest import load_manifest
 from echo.data.video import decode_frames, probe
@@ -262,3 +263,36 @@ def test_a_video_over_the_pixel_budget_is_refused_from_its_header(tmp_path):
     summary = ingest(IngestOptions(src=str(src), out=str(tmp_path / "out"), max_pixels=10 * 112 * 112))
     assert summary.rows == 1 and summary.skipped_by_reason == {"over_budget": 1}
     assert "10 frames of 480x640" in summary.skipped[0].detail
+
+
+def test_manifest_check_warns_about_an_edit_list_only_when_decord_gets_frames_wrong(tmp_path, capsys):
+    """Issue 19 item 4: the B-frame MP4's edit list leaves decord's frames right (no edit-list
+    warning, only the slow-seeking one); an edit list that trims 5 frames makes decord return
+    frames a sequential decode does not present (warned); both point to ``echo-ssl ingest``, and
+    their ingested versions draw no warning."""
+    src = tmp_path / "src"
+    src.mkdir()
+    right = write_video(echo_frames((112, 112), False, text=False), "h264-bframes.mp4")
+    wrong = trim_edit_list(right, 5)
+    assert len(decode_all(wrong)) == 25
+    (src / "right.mp4").write_bytes(right)
+    (src / "wrong.mp4").write_bytes(wrong)
+    rows = ["video_uri,patient_id,study_id,split,label", "right.mp4,p1,s1,unlabeled,", "wrong.mp4,p2,s2,unlabeled,"]
+    (src / "manifest.csv").write_text("\n".join(rows) + "\n")
+
+    def check(uri: str) -> list[str]:
+        parser = argparse.ArgumentParser()
+        manifest_check.add_arguments(parser)
+        assert manifest_check.run(parser.parse_args([uri, "--check-objects"])) == 0
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+
+    warnings = check(str(src / "manifest.csv"))
+    assert len(warnings) == 3, warnings
+    assert "row 1" in warnings[0] and "keyframes 30 frames apart (slow seeking)" in warnings[0]
+    assert "row 2" in warnings[1] and "keyframes" in warnings[1]
+    assert "row 2" in warnings[2] and "edit list and decord counts 30 frames, a sequential decode 25" in warnings[2]
+    assert all("`echo-ssl ingest`" in w for w in warnings)
+
+    summary = ingest(IngestOptions(src=str(src), out=str(tmp_path / "out")))
+    assert summary.rows == 2
+    assert check(summary.manifest_uri) == []

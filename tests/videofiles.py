@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from dicomfiles import real_rgb
 
-__all__ = ["CODECS", "BURNED_TEXT", "TEXT_CORNER", "echo_frames", "write_video", "has_edit_list", "b_frames", "decode_all"]
+__all__ = ["CODECS", "BURNED_TEXT", "TEXT_CORNER", "echo_frames", "write_video", "has_edit_list", "b_frames", "decode_all", "trim_edit_list"]
 
 # (container format, codec, pixel format, codec options)
 CODECS = {
@@ -90,3 +90,16 @@ def has_edit_list(data: bytes) -> bool:
         return False
 
     return walk(0, len(data))
+
+
+def trim_edit_list(data: bytes, frames: int, fps: float = 30.0) -> bytes:
+    """An MP4 whose (single, version 0) edit list starts ``frames`` frames later: FFmpeg then
+    presents ``frames`` fewer frames, while the samples stay in the file."""
+    out = bytearray(data)
+    elst = out.find(b"elst")
+    mdhd = out.find(b"mdhd")
+    assert elst > 0 and out[elst + 4] == 0 and out[mdhd + 4] == 0, "needs version-0 elst and mdhd boxes"
+    timescale = struct.unpack(">I", out[mdhd + 16 : mdhd + 20])[0]
+    media_time = struct.unpack(">i", out[elst + 16 : elst + 20])[0]
+    out[elst + 16 : elst + 20] = struct.pack(">i", media_time + round(frames * timescale / fps))
+    return bytes(out)

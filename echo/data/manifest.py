@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from echo.data import storage
-from echo.data.video import KEYFRAME_INTERVAL, MAX_KEYFRAME_INTERVAL_OK, VideoDecodeError, probe
+from echo.data.video import MAX_KEYFRAME_INTERVAL_OK, VideoDecodeError, probe, random_access_differs
 
 __all__ = [
     "REQUIRED_COLUMNS",
@@ -284,7 +284,8 @@ def inspect_manifest_objects(manifest: Manifest) -> list[Problem]:
     for rec in manifest.table.itertuples(index=False):
         uri = rec.video_uri
         try:
-            info = probe(storage.read_bytes(uri), uri)
+            data = storage.read_bytes(uri)
+            info = probe(data, uri)
         except FileNotFoundError:
             problems.append(Problem(f"video not found: {uri}", rec.row, "video_uri"))
             continue
@@ -298,14 +299,20 @@ def inspect_manifest_objects(manifest: Manifest) -> list[Problem]:
         if info.keyframe_interval > MAX_KEYFRAME_INTERVAL_OK:
             problems.append(
                 Problem(
-                    f"{uri} has keyframes {info.keyframe_interval} frames apart (slow seeking; re-encode with "
-                    f"a keyframe every {KEYFRAME_INTERVAL} frames)",
+                    f"{uri} has keyframes {info.keyframe_interval} frames apart (slow seeking); convert it with "
+                    "`echo-ssl ingest` (short-GOP H.264, no edit lists)",
                     rec.row,
                     "video_uri",
                 )
             )
-        if info.has_edit_list:
-            problems.append(Problem(f"{uri} has an MP4 edit list (decord may return wrong frames)", rec.row, "video_uri"))
+        if info.has_edit_list:  # it matters only when it changes the frames decord returns
+            try:
+                wrong = random_access_differs(data, uri)
+            except VideoDecodeError as e:
+                wrong = str(e)
+            if wrong:
+                problems.append(Problem(f"{uri} has an MP4 edit list and {wrong}; convert it with `echo-ssl ingest`",
+                                        rec.row, "video_uri"))
     return problems
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "encode_mp4",
     "decode_frames",
     "probe",
+    "random_access_differs",
 ]
 
 KEYFRAME_INTERVAL = 8
@@ -261,3 +262,38 @@ def probe(data: bytes, uri: str) -> VideoInfo:
         keyframe_interval=int(gap),
         has_edit_list=_mp4_has_edit_list(data),
     )
+
+
+# Mean absolute difference (gray levels) above which two decodes of a frame are different frames;
+# decord's and FFmpeg's scalers convert colour to luma a level or two apart.
+_SAME_FRAME_TOLERANCE = 3.0
+
+
+def random_access_differs(data: bytes, uri: str, samples: int = 5) -> str | None:
+    """What decord's random access gets wrong, or None when it returns what a sequential FFmpeg
+    decode (PyAV, which applies MP4 edit lists) presents: the same frame count, and the same
+    frames at ``samples`` indices spread from the first frame to the last.
+
+    Decodes the whole video once, keeping only the sampled frames; for ``manifest check``.
+    """
+    import av  # PyAV is only needed here and for encoding; decord reads training clips
+
+    vr = _reader(data, uri)
+    n = len(vr)
+    wanted = sorted({int(round(i)) for i in np.linspace(0, max(n - 1, 0), samples)})
+    sequential: dict[int, np.ndarray] = {}
+    count = 0
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            for frame in container.decode(video=0):
+                if count in wanted:
+                    sequential[count] = frame.to_ndarray(format="gray")
+                count += 1
+    except (av.error.FFmpegError, ValueError) as e:
+        raise VideoDecodeError(uri, f"a sequential decode failed ({type(e).__name__})") from None
+    if count != n:
+        return f"decord counts {n} frames, a sequential decode {count}"
+    for i, frame in zip(wanted, decode_frames(data, wanted, uri)):
+        if np.abs(frame.astype(np.int16) - sequential[i]).mean() > _SAME_FRAME_TOLERANCE:
+            return f"decord's frame {i} is not the frame a sequential decode presents there"
+    return None
