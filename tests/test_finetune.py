@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from echo import tracking
-from echo.train.finetune import FinetuneConfig, pretrain_run_id, resolve_init, run_finetune
+from echo.data.ids import ID_KEY_ENV, keyed_hash
+from echo.train.finetune import FinetuneConfig, label_subset_record, pretrain_run_id, resolve_init, run_finetune
 from echo.train.launch import RayOptions
 
 
@@ -48,9 +49,9 @@ def test_finetune_from_pretraining_run_records_metrics_intervals_plots_and_model
     for name in ("test_roc.png", "test_pr.png", "test_calibration.png", "test_study_predictions.csv",
                  "label_subset.json"):
         assert f"evaluation/{name}" in files, files
-    # The label subset is recorded as salted hashes: no raw patient ID in the artifact.
+    # The label subset is recorded as keyed hashes: no raw patient ID, no salt in the artifact.
     subset = json.loads(Path(c.download_artifacts(run_id, "evaluation/label_subset.json", str(tmp_path))).read_text())
-    assert subset["label_fraction"] == 0.5 and subset["patient_hashes"]
+    assert subset["label_fraction"] == 0.5 and subset["patient_hashes"] and "salt" not in subset
     assert not any(h.startswith("P0") for h in subset["patient_hashes"])
     # Each epoch logged once, and the model loads back without unpickling code.
     steps = [x.step for x in c.get_metric_history(run_id, "val_auroc")]
@@ -129,3 +130,22 @@ def test_test_split_is_not_checked_when_it_is_not_evaluated(synth_small, tmp_pat
     check_splits(manifest, train, evaluate_test=False)
     with pytest.raises(ValueError, match="test split has 1 severe"):
         check_splits(manifest, train, evaluate_test=True)
+
+
+def test_label_subset_is_keyed_by_the_id_key_and_unlinkable_without_it(monkeypatch, caplog) -> None:
+    """Issue 17, item 9: with ``ECHO_SSL_ID_KEY`` the record holds HMACs under it (checkable by the key's
+    holder only) and no salt; without it the hashes are under a discarded random key (two records
+    of the same patients differ) and a warning says so."""
+    patients = ["MRN0012345", "MRN0012346", "MRN0012347"]
+    key = "id-key-for-the-label-subset-test"
+    monkeypatch.setenv(ID_KEY_ENV, key)
+    record = label_subset_record(0.1, 3, patients)
+    assert record["patient_hashes"] == [keyed_hash(key.encode(), "patient", p) for p in patients]
+    assert record["n_patients"] == 3 and record["key"] == f"${ID_KEY_ENV}"
+    assert "salt" not in record and "MRN" not in json.dumps(record)
+    monkeypatch.delenv(ID_KEY_ENV)
+    with caplog.at_level("WARNING"):
+        first, second = label_subset_record(0.1, 3, patients), label_subset_record(0.1, 3, patients)
+    assert ID_KEY_ENV in caplog.text and first["key"] == "random, discarded"
+    assert len(set(first["patient_hashes"])) == 3 and not set(first["patient_hashes"]) & set(second["patient_hashes"])
+    assert not set(first["patient_hashes"]) & set(record["patient_hashes"])

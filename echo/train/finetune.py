@@ -18,7 +18,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,7 +29,8 @@ from echo import tracking
 from echo.data import storage
 from echo.data.dataset import LabelledClipDataset
 from echo.data.loader import VideoLoader
-from echo.data.manifest import Manifest, absolute_uri, hash_ids, label_fraction_patients, load_manifest
+from echo.data.ids import ID_KEY_ENV, env_id_key, pseudonyms
+from echo.data.manifest import Manifest, absolute_uri, label_fraction_patients, load_manifest
 from echo.data.video import probe
 from echo.evaluation.evaluate import (choose_thresholds, log_evaluation, predict_videos, split_report,
                                       study_predictions, summary_line, write_evaluation)
@@ -47,6 +48,7 @@ __all__ = [
     "FinetuneConfig",
     "finetune_loop",
     "finalize",
+    "label_subset_record",
     "finalize_checkpoint",
     "run_finetune",
     "pretrain_run_id",
@@ -274,13 +276,30 @@ def finetune_loop(config: dict[str, Any], session: Session | None = None,
         )
 
 
+def label_subset_record(label_fraction: float, subset_seed: int, patients: Sequence[str]) -> dict[str, Any]:
+    """What ``label_subset.json`` holds: the patients a run trained on, as HMAC-SHA256 of their
+    manifest IDs (``echo.data.ids``, kind ``patient``) under ``$ECHO_SSL_ID_KEY``, so that whoever
+    holds the key can check whether a patient was used and nobody else can (a salt stored beside
+    plain SHA-256 hashes let anyone hash candidate MRNs). Without a key the hashes are under a
+    random key that is discarded: they count the patients and link to nothing, and a warning says so.
+    """
+    key = env_id_key()
+    if key is None:
+        log.warning("%s is not set: label_subset.json records the training patients under a random key that is "
+                    "discarded (they can be counted, not checked); set it to make the record verifiable", ID_KEY_ENV)
+    return {"label_fraction": label_fraction, "subset_seed": subset_seed, "n_patients": len(patients),
+            "hash": "hmac-sha256 of 'patient:<patient_id>', 32 hex digits",
+            "key": f"${ID_KEY_ENV}" if key else "random, discarded",
+            "patient_hashes": pseudonyms(patients, "patient", key)}
+
+
 def finalize(model, cfg: FinetuneConfig, run: RunState, manifest, device: torch.device, best_epoch: int,
              out_dir: str | None = None) -> dict[str, float]:
     """Evaluate the best weights and record them in the MLflow run ``run``.
 
     Thresholds come from the validation split; the test split (when ``cfg.evaluate_test``)
-    is evaluated once. Logs metrics with CIs, plots, predictions, the subset's salted patient
-    hashes, and the model bundle. The files are also kept in ``out_dir`` when given (else
+    is evaluated once. Logs metrics with CIs, plots, predictions, the subset's keyed patient
+    hashes (``label_subset_record``), and the model bundle. The files are also kept in ``out_dir`` when given (else
     written to a temporary folder, removed once logged). Returns the metrics.
     """
     if out_dir:
@@ -318,10 +337,8 @@ def _finalize_in(folder: Path, model, cfg: FinetuneConfig, run: RunState, manife
         files = write_evaluation(test_videos, val_videos, thresholds, report, folder / "evaluation", "test",
                                  cfg.seed, cfg.n_resamples)
         progress(f"test {summary_line(report)}")
-    salt, hashes = hash_ids(patients)
     subset = folder / "label_subset.json"
-    subset.write_text(json.dumps({"label_fraction": cfg.label_fraction, "subset_seed": cfg.subset_seed,
-                                  "salt": salt, "patient_hashes": hashes}, indent=1))
+    subset.write_text(json.dumps(label_subset_record(cfg.label_fraction, cfg.subset_seed, patients), indent=1))
     files.append(subset)
     log_evaluation(tracking_uri, run.run_id, report, files)
     first = manifest.split("val")["video_uri"].iloc[0]
