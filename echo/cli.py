@@ -21,6 +21,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("demo",), "demo", "the whole system on synthetic data: pretrain, Tune, registry, predict, saliency"),
     (("synth",), "synth", "write a synthetic PLAX echo data set (videos + manifest)"),
     (("manifest", "check"), "manifest_check", "validate a manifest and print a summary"),
+    (("manifest", "combine"), "manifest_combine", "combine manifests into one (e.g. a public data set and your own for pretraining)"),
     (("models", "register"), "models_register", "register a fine-tuning run's model (champion moves only on a better test AUROC)"),
     (("models", "pull"), "models_pull", "download a registered model's weights and config, verify the SHA-256"),
     (("models", "promote"), "models_promote", "point an alias (default champion) at a version; the move is recorded"),

@@ -19,7 +19,7 @@ from scipy import ndimage
 from videofiles import BURNED_TEXT, TEXT_CORNER, b_frames, decode_all, echo_frames, has_edit_list, trim_edit_list, write_video
 
 from echo.commands import ingest as ingest_command
-from echo.commands import manifest_check
+from echo.commands import manifest_check, manifest_combine
 from echo.data import storage
 from echo.data.manifest import load_manifest
 from echo.data.video import decode_frames, probe
@@ -296,3 +296,31 @@ def test_manifest_check_warns_about_an_edit_list_only_when_decord_gets_frames_wr
     summary = ingest(IngestOptions(src=str(src), out=str(tmp_path / "out")))
     assert summary.rows == 2
     assert check(summary.manifest_uri) == []
+
+
+def test_manifests_combine_into_one_pretraining_corpus(tmp_path, capsys):
+    """Issue 19 item 3: a public set ingested --as-unlabeled and a team's labelled videos, each
+    with its own manifest, become one manifest that resolves every video; a video in both is refused."""
+    clip = echo_frames((112, 112), False, n_frames=8, text=False)
+    public, own = tmp_path / "public", tmp_path / "own"
+    for folder, shift in ((public, 0), (own, 10)):
+        folder.mkdir()
+        for i in range(2):
+            (folder / f"v{i}.avi").write_bytes(write_video(np.roll(clip, shift + i, axis=2), "mjpeg.avi"))
+    (own / "table.csv").write_text("file,mrn,label\nv0,ZZ-P1,1\nv1,ZZ-P2,0\n")
+    ingest(IngestOptions(src=str(public), out=str(tmp_path / "corpora" / "public"), as_unlabeled=True))
+    ingest(IngestOptions(src=str(own), out=str(tmp_path / "corpora" / "own"), table=str(own / "table.csv"),
+                         video_column="file", patient_column="mrn", label_column="label", splits=(1.0, 0.0, 0.0)))
+    a, b = (str(tmp_path / "corpora" / d / "manifest.csv") for d in ("public", "own"))
+    combined = str(tmp_path / "corpora" / "pretrain.csv")
+    parser = argparse.ArgumentParser()
+    manifest_combine.add_arguments(parser)
+    assert manifest_combine.run(parser.parse_args([a, b, "--out", combined])) == 0
+    table = load_manifest(combined).table
+    assert len(table) == 4 and sorted(table["split"]) == ["train", "train", "unlabeled", "unlabeled"]
+    assert pd.read_csv(combined)["video_uri"].str.match(r"^(public|own)/videos/[0-9a-f]{32}\.mp4$").all()
+    for uri in table["video_uri"]:
+        assert probe(storage.read_bytes(uri), uri).n_frames == 8
+    capsys.readouterr()
+    assert manifest_combine.run(parser.parse_args([a, a, "--out", str(tmp_path / "twice.csv")])) == 1
+    assert "duplicate video_uri" in capsys.readouterr().err

@@ -35,6 +35,7 @@ __all__ = [
     "Problem",
     "load_manifest",
     "inspect_manifest_objects",
+    "combine_manifests",
     "read_table",
     "absolute_uri",
     "validate",
@@ -314,6 +315,28 @@ def inspect_manifest_objects(manifest: Manifest) -> list[Problem]:
                 problems.append(Problem(f"{uri} has an MP4 edit list and {wrong}; convert it with `echo-ssl ingest`",
                                         rec.row, "video_uri"))
     return problems
+
+
+def combine_manifests(uris: Sequence[str], out_uri: str) -> pd.DataFrame:
+    """One table of every row of the manifests at ``uris`` (each validated first), to be written
+    at ``out_uri``: ``video_uri`` relative to ``out_uri``'s folder for a video below it, else
+    absolute; columns are the union (missing cells empty). The union is validated as one
+    manifest, so a video in two of them, or a patient in train of one and test of another, is
+    refused (``ManifestError`` naming rows of the combined table)."""
+    parts = []
+    base = _folder(absolute_uri(out_uri)).rstrip("/") + "/"
+    for uri in uris:
+        load_manifest(uri)
+        table, _ = read_table(uri)
+        folder = _folder(absolute_uri(uri))
+        resolved = [_resolve(folder, v) for v in table["video_uri"]]
+        table["video_uri"] = [v[len(base):] if v.startswith(base) else v for v in resolved]
+        parts.append(table)
+    combined = pd.concat(parts, ignore_index=True).fillna("")
+    errors, _ = validate(combined, out_uri)
+    if errors:
+        raise ManifestError(out_uri, errors)
+    return combined
 
 
 def summary(manifest: Manifest) -> pd.DataFrame:
