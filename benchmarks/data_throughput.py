@@ -14,9 +14,9 @@ CPU time is not counted, as a real object store's would not be).
 - ours from local files, and ours over S3 with the byte cache warm (later epochs), to show
   what S3 costs.
 
-Both arms read objects with ``echo.data.storage.read_bytes`` (``echo.data.s3http``: presigned GETs on
-kept-alive connections; moto's server closes every connection, so here each GET also opens
-one). The script also prints the CPU cost of one GET that way against boto3's ``get_object``.
+Both arms read objects with ``echo.data.storage.read_bytes`` (obstore, pooled connections).
+The script also prints the CPU cost of one GET that way against boto3's ``get_object``, side
+by side, and the CPU model.
 
 For 4-frame MI-SimCLR pairs (two videos of a study per pair) and 16-frame fine-tuning clips.
 Prints clips per CPU-second (process CPU time) for each, then the ratio ours/reference; then a
@@ -186,7 +186,7 @@ def ours(dataset, clips_per_sample: int, batch_size: int = 16) -> Iterator[int]:
 
 
 def get_cost(rows: pd.DataFrame, rounds: int = 3) -> dict[str, float]:
-    """CPU milliseconds per object GET: boto3's ``get_object`` against ``storage.read_bytes``."""
+    """CPU milliseconds per object GET: boto3's ``get_object`` against ``storage.read_bytes`` (obstore)."""
     client = storage.s3_client()
     paths = [storage.split_s3(uri) for uri in rows.video_uri]
 
@@ -198,13 +198,18 @@ def get_cost(rows: pd.DataFrame, rounds: int = 3) -> dict[str, float]:
         for uri in rows.video_uri:
             storage.read_bytes(uri)
 
-    cost = {"boto3 get_object": 0.0, "echo.data.storage.read_bytes": 0.0}
+    cost = {"boto3 get_object": 0.0, "obstore (echo.data.storage.read_bytes)": 0.0}
     for _ in range(rounds):
         for name, read in zip(cost, (boto3_get, ours_get)):
             start = time.process_time()
             read()
             cost[name] += (time.process_time() - start) * 1e3 / (len(paths) * rounds)
     return cost
+
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
 
 
 def measure(arms: dict[str, Iterator[int]], samples: dict[str, int], rounds: int) -> dict[str, float]:
@@ -269,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         gets = get_cost(remote)
 
         frames = local.n_frames.to_numpy()
+        print(f"CPU: {cpu_model()}")
         print(
             f"corpus: {len(local)} synthetic videos (echo.ingest.synth), 112x112, {int(frames.min())}-{int(frames.max())} frames, "
             f"keyframe every 8; moto S3 on {url}; this process pinned to CPU {me}, 1 torch thread; "
@@ -284,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"one GET of a {sizes.mean() / 1e3:.0f} KB video: "
             + ", ".join(f"{name} {ms:.2f} ms CPU" for name, ms in gets.items())
-            + f" ({gets['boto3 get_object'] / gets['echo.data.storage.read_bytes']:.1f}x less)"
+            + f" (obstore {gets['boto3 get_object'] / gets['obstore (echo.data.storage.read_bytes)']:.1f}x less)"
         )
         kinds = ("4-frame", "16-frame")
         s3_local = [rate[f"{k}, ours, S3"] / rate[f"{k}, ours, local"] for k in kinds]

@@ -5,8 +5,6 @@ Every ``every``-th GET of an object (``/bucket/key``, path-style) meets the next
 
 - ``500`` / ``503`` / ``403``: an S3 error answer (``InternalError`` / ``SlowDown`` /
   ``AccessDenied``) instead of the object;
-- ``region``: S3's answer to a request signed for the wrong region (400, with the bucket's
-  region in ``x-amz-bucket-region``);
 - ``reset``: the connection is reset (RST) before any answer;
 - ``slow``: the answer comes after ``delay`` seconds;
 - ``truncate``: the headers promise the whole object, half the body arrives, then a reset.
@@ -14,8 +12,8 @@ Every ``every``-th GET of an object (``/bucket/key``, path-style) meets the next
 Everything else is forwarded untouched, to the upstream whatever the request names: it also
 serves as a forward proxy (absolute-form targets, ``HTTP_PROXY``) and tunnels ``CONNECT``
 requests to 127.0.0.1 (``HTTPS_PROXY``). ``GET /__faultproxy__/stats`` answers JSON counters:
-requests, object GETs, injected faults, client connections, tunnels, absolute-form requests
-and the ``Proxy-Authorization`` values seen.
+requests, object GETs, injected faults, client connections, tunnels, absolute-form requests,
+the ``Proxy-Authorization`` values and the access key IDs object GETs were signed with.
 Run as a script (``python faultproxy.py --upstream URL --port N ...``); ``FaultProxy`` starts
 and stops it from a test.
 """
@@ -25,6 +23,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import re
 import socket
 import struct
 import subprocess
@@ -35,14 +34,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
 TRANSIENT = ("500", "503", "reset", "slow", "truncate")  # a client that retries gets every object
-FAULTS = TRANSIENT + ("403", "region")
+FAULTS = TRANSIENT + ("403",)
 _ERRORS = {  # fault: (status, S3 error code, message)
     "500": (500, "InternalError", "We encountered an internal error."),
     "503": (503, "SlowDown", "Please reduce your request rate."),
     "403": (403, "AccessDenied", "Access Denied"),
-    "region": (400, "AuthorizationHeaderMalformed", "The authorization header is malformed; the region is wrong."),
 }
-OTHER_REGION = "eu-west-3"  # where the "region" fault says the bucket is
+_CREDENTIAL = re.compile(r"Credential=([A-Z0-9]+)/")
 
 
 class _State:
@@ -58,6 +56,7 @@ class _State:
         self.tunnels = 0
         self.absolute_form = 0
         self.proxy_authorizations: set[str] = set()
+        self.access_keys: set[str] = set()
 
     def count(self, name: str) -> None:
         with self.lock:
@@ -77,9 +76,10 @@ class _State:
                 "tunnels": self.tunnels,
                 "absolute_form": self.absolute_form,
                 "proxy_authorizations": sorted(self.proxy_authorizations),
+                "access_keys": sorted(self.access_keys),
             }
 
-    def fault_for(self, method: str, path: str) -> str | None:
+    def fault_for(self, method: str, path: str, authorization: str) -> str | None:
         bucket_and_key = urlparse(path).path.lstrip("/").split("/", 1)
         is_object_get = method == "GET" and len(bucket_and_key) == 2 and bucket_and_key[1] != ""
         with self.lock:
@@ -87,6 +87,8 @@ class _State:
             if not is_object_get:
                 return None
             self.object_gets += 1
+            if match := _CREDENTIAL.search(authorization):
+                self.access_keys.add(match.group(1))
             if not self.faults or self.every <= 0 or self.object_gets % self.every:
                 return None
             fault = self.faults[sum(self.injected.values()) % len(self.faults)]
@@ -140,14 +142,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.state.count("absolute_form")
             self.path = target.path + (f"?{target.query}" if target.query else "")
         body = self._body()
-        fault = self.state.fault_for(self.command, self.path)
+        fault = self.state.fault_for(self.command, self.path, self.headers.get("Authorization", ""))
         if fault in _ERRORS:
             status, code, message = _ERRORS[fault]
             data = f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message></Error>'.encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/xml")
-            if fault == "region":
-                self.send_header("x-amz-bucket-region", OTHER_REGION)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
