@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import pickle
 
 import numpy as np
 import pytest
 
-from echo.data.video import KEYFRAME_INTERVAL, VideoDecodeError, decode_frames, encode_mp4, probe
+from echo.data import native_stderr, video
+from echo.data.video import (
+    KEYFRAME_INTERVAL,
+    UnsupportedVideo,
+    VideoDecodeError,
+    check_video,
+    decode_frames,
+    encode_mp4,
+    probe,
+)
 
 
 def _frames(n: int = 24, size: int = 112, seed: int = 0) -> np.ndarray:
@@ -88,3 +99,87 @@ def test_colour_or_odd_sized_frames_are_refused():
         encode_mp4(np.zeros((2, 16, 16, 3), np.uint8), 30.0)
     with pytest.raises(ValueError, match="even"):
         encode_mp4(np.zeros((2, 15, 16), np.uint8), 30.0)
+
+
+def _encode(frames: np.ndarray, container: str, codec: str, pix_fmt: str = "yuv420p") -> bytes:
+    """``frames`` ``(T, H, W)`` encoded by PyAV in another container or codec than ours."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        for i, gray in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.repeat(gray[..., None], 3, axis=2), format="rgb24").reformat(format=pix_fmt)
+            frame.pts = i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def test_the_canonical_format_and_other_allowed_ones_pass_the_header_check():
+    header = check_video(encode_mp4(_frames(n=4, size=64), 30.0), "v.mp4")
+    assert "mp4" in header.container.split(",") and (header.codec, header.width, header.height) == ("h264", 64, 64)
+    header = check_video(_encode(_frames(n=4, size=64), "avi", "mjpeg", "yuvj420p"), "v.avi")
+    assert (header.container, header.codec) == ("avi", "mjpeg")
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (lambda: _encode(_frames(n=4, size=64), "mpegts", "libx264"), "container 'mpegts' is not allowed"),
+        (lambda: _encode(_frames(n=4, size=64), "matroska", "ffv1"), "codec 'ffv1' is not allowed"),
+        (lambda: b"\x00\x00\x00\x18ftypmp42" + b"not really a video" * 40, "not a readable video"),
+        (lambda: b"", "empty object"),
+    ],
+    ids=["container", "codec", "fake-header", "empty"],
+)
+def test_what_the_allow_lists_refuse_never_reaches_the_decoder(data, reason, monkeypatch):
+    def no_decoder(*args, **kwargs):
+        raise AssertionError("decord opened a refused video")
+
+    monkeypatch.setattr(video.decord, "VideoReader", no_decoder)
+    with pytest.raises(UnsupportedVideo, match=f"cannot decode s3://b/x.mp4: {reason}") as err:
+        decode_frames(data(), [0], "s3://b/x.mp4")
+    assert isinstance(err.value, VideoDecodeError) and err.value.uri == "s3://b/x.mp4"
+
+
+def test_a_frame_size_over_the_cap_is_refused():
+    data = encode_mp4(_frames(n=2, size=128), 30.0)
+    assert check_video(data, "v.mp4", max_pixels=128 * 128).width == 128
+    with pytest.raises(UnsupportedVideo, match="frame size 128x128 is outside 1 to 16383 pixels"):
+        check_video(data, "v.mp4", max_pixels=128 * 128 - 1)
+
+
+SECRET = b"AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMIK7MDENGbPxRfiCYzEXAMPLEKEY"
+
+
+def test_a_text_file_posing_as_a_video_is_one_clean_error(capfd, caplog):
+    text = (b"root:x:0:0:root:/root:/bin/bash\n" + SECRET + b" not a video\n") * 50
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(VideoDecodeError, match="not a readable video") as err:
+            decode_frames(text, [0], "videos/notes.mp4")
+    out, errors = capfd.readouterr()
+    assert (out, errors) == ("", "")
+    for shown in (str(err.value), caplog.text):
+        assert "SECRET" not in shown and "root:x" not in shown
+
+
+def test_decoder_output_goes_to_the_debug_log_never_with_the_file_s_bytes(capfd, caplog):
+    data = encode_mp4(_frames(n=24, size=64), 30.0)
+    corrupt = data[:2000] + bytes(b ^ 0x55 for b in data[2000:4000]) + data[4000:]
+    with caplog.at_level(logging.DEBUG, logger="echo.data.video"):
+        with pytest.raises(VideoDecodeError, match="decoding frames failed"):
+            decode_frames(corrupt, list(range(24)), "corrupt.mp4")
+        decoder = [r for r in caplog.records if "corrupt.mp4: decoder: [h264 @" in r.getMessage()]
+        assert decoder and all(r.levelno == logging.DEBUG for r in decoder)
+        caplog.clear()
+        # decord itself echoes input it cannot open: the routed section screens it out
+        text = (SECRET + b"\n") * 20
+        with native_stderr.routed_to(logging.getLogger("echo.data.video"), text, "notes.mp4"):
+            with pytest.raises(Exception):
+                video.decord.VideoReader(io.BytesIO(text))
+    assert capfd.readouterr() == ("", "")
+    assert "bytes of the input, not shown" in caplog.text and "SECRET" not in caplog.text

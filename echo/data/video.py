@@ -6,35 +6,66 @@ wrong frames on B-frame files and MP4 edit lists.
 
 Frames are grayscale ``uint8`` arrays of shape ``(T, H, W)``; echo is grayscale, and a
 colour source is converted with ITU-R BT.601 luma.
+
+Untrusted bytes: before decord opens a video, ``check_video`` reads its headers with PyAV
+(the same FFmpeg version, so it sees the container decord's FFmpeg will pick) and refuses a
+container, codec or frame size outside ``ALLOWED_CONTAINERS``, ``ALLOWED_CODECS`` and
+``MAX_FRAME_PIXELS`` (``UnsupportedVideo``, naming the URI). Bytes that passed are
+remembered by their SHA-256 for the process, so a video read again (every epoch) is not
+probed again. What decord and its FFmpeg write to stderr goes to this module's logger at
+debug level, never carrying bytes of the input (``echo.data.native_stderr``).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
+import logging
 import platform
 import struct
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Sequence
 
+# PyAV before decord: decord loads its FFmpeg libraries into the global symbol scope, and
+# PyAV's modules loaded after that would bind some of their FFmpeg calls to decord's build.
+import av
+import decord
 import numpy as np
+
+from echo.data.native_stderr import routed_to, screened
 
 __all__ = [
     "KEYFRAME_INTERVAL",
+    "ALLOWED_CONTAINERS",
+    "ALLOWED_CODECS",
+    "MAX_FRAME_PIXELS",
     "VideoDecodeError",
+    "UnsupportedVideo",
+    "VideoHeader",
     "VideoInfo",
+    "check_video",
     "encode_mp4",
     "decode_frames",
     "probe",
     "random_access_differs",
 ]
 
+log = logging.getLogger(__name__)
+
 KEYFRAME_INTERVAL = 8
 MAX_KEYFRAME_INTERVAL_OK = 16
 # decord replaces a frame it cannot decode with the last good one unless told otherwise; a
 # threshold this small (a fraction of the frame count) makes the first such frame an error.
 _FAULT_TOLERANCE = 1e-9
+# FFmpeg demuxer names (one demuxer reads MP4 and QuickTime MOV) and decoder names
+ALLOWED_CONTAINERS = frozenset({"mov", "mp4", "avi", "matroska"})
+ALLOWED_CODECS = frozenset({"h264", "hevc", "mpeg4", "mjpeg"})
+MAX_FRAME_PIXELS = 4096 * 4096  # width x height of one frame
+_CHECKED_MAX = 65536  # SHA-256 digests of bytes that passed check_video, per process
 
 
 class VideoDecodeError(RuntimeError):
@@ -49,6 +80,21 @@ class VideoDecodeError(RuntimeError):
         return (type(self), (self.uri, self.reason))
 
 
+class UnsupportedVideo(VideoDecodeError):
+    """Bytes whose container, codec or frame size is not allowed, refused before any decoding."""
+
+
+@dataclass(frozen=True)
+class VideoHeader:
+    """What the container's headers declare: FFmpeg's demuxer name (e.g.
+    ``"mov,mp4,m4a,3gp,3g2,mj2"``), the video codec, and the frame size in pixels."""
+
+    container: str
+    codec: str
+    width: int
+    height: int
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     n_frames: int
@@ -59,23 +105,10 @@ class VideoInfo:
     has_edit_list: bool
 
 
-def _decord():
-    try:
-        import decord
-    except ImportError as e:  # pragma: no cover - decord is a hard dependency
-        raise ImportError(
-            "decord is required to decode videos: pip install 'decord2>=3.4,<4' "
-            "(the maintained decord fork; same `import decord`)"
-        ) from e
-    return decord
-
-
 def _yuv_frame(gray: np.ndarray):
     """A yuv420p ``av.VideoFrame`` of a gray ``(H, W)`` uint8 frame, limited range, with every
     plane's row padding zeroed: x264 reads the padding, and left uninitialised it makes the
     same frames encode to different bytes now and then."""
-    import av
-
     h, w = gray.shape
     y = (16 + (gray.astype(np.uint16) * 219 + 127) // 255).astype(np.uint8)
     chroma = np.full((h // 2, w // 2), 128, np.uint8)
@@ -123,8 +156,6 @@ def encode_mp4(frames: np.ndarray, fps: float, keyframe_interval: int = KEYFRAME
 
     ``fps`` is the true frame rate in frames per second. H and W must be even (yuv420p).
     """
-    import av
-
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 3 or len(frames) == 0:
         raise ValueError(f"frames must be a non-empty uint8 (T, H, W) gray array, got {frames.dtype} {frames.shape}")
@@ -164,14 +195,78 @@ def _to_gray(rgb: np.ndarray) -> np.ndarray:
     return np.clip(y + 0.5, 0, 255).astype(np.uint8)
 
 
-def _reader(data: bytes, uri: str):
+_checked: OrderedDict[bytes, VideoHeader] = OrderedDict()
+_checked_lock = threading.Lock()
+
+
+def _read_header(data: bytes, uri: str) -> VideoHeader:
+    """The headers' container, codec and largest frame size; ``UnsupportedVideo`` for what is
+    not allowed. Every video stream must pass: decord's FFmpeg may pick any of them."""
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            names = container.format.name
+            streams = [(s.codec_context.name, int(s.codec_context.width), int(s.codec_context.height))
+                       for s in container.streams.video]
+    except av.FFmpegError as e:
+        raise UnsupportedVideo(uri, f"not a readable video ({type(e).__name__})") from None
+    if not set(names.split(",")) & ALLOWED_CONTAINERS:
+        raise UnsupportedVideo(uri, f"container {names!r} is not allowed (allowed: {', '.join(sorted(ALLOWED_CONTAINERS))})")
+    if not streams:
+        raise UnsupportedVideo(uri, "the file holds no video stream")
+    for codec, _, _ in streams:
+        if codec not in ALLOWED_CODECS:
+            raise UnsupportedVideo(uri, f"codec {codec!r} is not allowed (allowed: {', '.join(sorted(ALLOWED_CODECS))})")
+    codec, width, height = max(streams, key=lambda s: s[1] * s[2])
+    return VideoHeader(names, codec, width, height)
+
+
+def check_video(data: bytes, uri: str, max_pixels: int = MAX_FRAME_PIXELS) -> VideoHeader:
+    """The container, codec and frame size ``data``'s headers declare, checked against
+    ``ALLOWED_CONTAINERS``, ``ALLOWED_CODECS`` and ``max_pixels`` (width x height) without
+    decoding a frame; raises ``UnsupportedVideo`` naming ``uri`` otherwise (also for bytes that
+    are no video, and for an empty object).
+
+    Bytes that passed are remembered (by SHA-256, per process) and not probed again.
+    """
     if not data:
-        raise VideoDecodeError(uri, "empty object")
-    decord = _decord()
+        raise UnsupportedVideo(uri, "empty object")
+    digest = hashlib.sha256(data).digest()
+    with _checked_lock:
+        header = _checked.get(digest)
+    if header is None:
+        header = _read_header(data, uri)
+        with _checked_lock:
+            _checked[digest] = header
+            while len(_checked) > _CHECKED_MAX:
+                _checked.popitem(last=False)
+    if header.width * header.height > max_pixels or header.width <= 0 or header.height <= 0:
+        raise UnsupportedVideo(uri, f"frame size {header.width}x{header.height} is outside 1 to {max_pixels} pixels")
+    return header
+
+
+def _reader(data: bytes, uri: str):
+    """A decord reader over checked bytes (``check_video``); call inside ``routed_to``."""
+    check_video(data, uri)
     try:
         return decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1, fault_tol=_FAULT_TOLERANCE)
     except Exception as e:  # decord raises DECORDError (a RuntimeError) or its own types
-        raise VideoDecodeError(uri, f"not a readable video ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise VideoDecodeError(uri, f"not a readable video ({type(e).__name__}: {_first_line(e, data)})") from None
+
+
+def _frame(vr, index: int, data: bytes) -> tuple[np.ndarray | None, str | None]:
+    """Frame ``index`` of reader ``vr`` as decord gives it, ``(H, W, C)`` uint8, or ``None`` and
+    why not. Nothing is raised: a traceback holding the reader would keep its decoding thread
+    (which logs as it reads ahead) alive past the routed section."""
+    try:
+        return vr[index].asnumpy(), None
+    except Exception as e:  # decord's DECORDError or RuntimeError
+        return None, f"decoding frames failed ({type(e).__name__}: {_first_line(e, data)})"
+
+
+def _first_line(error: Exception, data: bytes) -> str:
+    """The first line of a decoder's error, cut short, never showing bytes of ``data``."""
+    lines = str(error).splitlines()
+    return screened(lines[0][:200].encode(), data) if lines else ""
 
 
 def _rgb(frame: np.ndarray, uri: str) -> np.ndarray:
@@ -201,23 +296,29 @@ def decode_frames(data: bytes, indices: Sequence[int] | Callable[[int], Sequence
     back costs a seek to a keyframe. Raises ``VideoDecodeError`` (naming ``uri``) for an unreadable video (including a frame
     decord could not decode) or an index past its end.
     """
-    vr = _reader(data, uri)
-    n = len(vr)
-    if n < 1:
-        raise VideoDecodeError(uri, "the video has no frames")
-    idx = [int(i) for i in (indices(n) if callable(indices) else indices)]
-    if not idx:
-        raise ValueError("no frame indices given")
-    bad = [i for i in idx if i < 0 or i >= n]
-    if bad:
-        raise VideoDecodeError(uri, f"frame index {bad[0]} outside the video's {n} frames")
-    frames = []
-    for i in idx:  # ascending distinct indices decode each frame once, seeking only across keyframes
+    frames: list[np.ndarray] = []
+    failure = None
+    with routed_to(log, data, uri):
+        vr = _reader(data, uri)
         try:
-            frame = vr[i].asnumpy()
-        except Exception as e:
-            raise VideoDecodeError(uri, f"decoding frames failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-        frames.append(_rgb(frame, uri))
+            n = len(vr)
+            if n < 1:
+                raise VideoDecodeError(uri, "the video has no frames")
+            idx = [int(i) for i in (indices(n) if callable(indices) else indices)]
+            if not idx:
+                raise ValueError("no frame indices given")
+            bad = [i for i in idx if i < 0 or i >= n]
+            if bad:
+                raise VideoDecodeError(uri, f"frame index {bad[0]} outside the video's {n} frames")
+            for i in idx:  # ascending distinct indices decode each frame once, seeking only across keyframes
+                frame, failure = _frame(vr, i, data)
+                if failure:
+                    break
+                frames.append(_rgb(frame, uri))
+        finally:
+            del vr  # its decoding thread ends here, inside the routed section
+    if failure:
+        raise VideoDecodeError(uri, failure)
     return _to_gray(np.stack(frames))
 
 
@@ -248,15 +349,23 @@ def _mp4_has_edit_list(data: bytes) -> bool:
 
 
 def probe(data: bytes, uri: str) -> VideoInfo:
-    """Frame count, rate, size, longest keyframe gap and edit-list presence, without decoding frames."""
-    vr = _reader(data, uri)
-    n = len(vr)
-    h, w = vr[0].shape[:2] if n else (0, 0)
-    keys = list(vr.get_key_indices()) + [n]
+    """Frame count, rate, size, longest keyframe gap and edit-list presence, decoding one frame."""
+    with routed_to(log, data, uri):
+        vr = _reader(data, uri)
+        try:
+            n = len(vr)
+            first, failure = _frame(vr, 0, data)
+            keys = list(vr.get_key_indices()) + [n]
+            fps = float(vr.get_avg_fps())
+        finally:
+            del vr  # as in decode_frames
+    if failure:
+        raise VideoDecodeError(uri, failure)
+    h, w = first.shape[:2]
     gap = max((b - a for a, b in zip(keys, keys[1:])), default=n)
     return VideoInfo(
         n_frames=n,
-        fps=float(vr.get_avg_fps()),
+        fps=fps,
         height=int(h),
         width=int(w),
         keyframe_interval=int(gap),
