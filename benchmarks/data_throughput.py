@@ -331,8 +331,7 @@ def decoded_cache_section(rows: pd.DataFrame, pairs: int, clips: int, rounds: in
         next(it)
     samples = {name: pairs * 2 if name.startswith("4") else clips for name in arms}
     rate = measure(arms, samples, rounds)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
+    cpu = cpu_model()
     print(f"decoded-frame cache ({stats.cached} videos, {stats.nbytes / 2**20:.0f} MB, filled in {fill_s:.1f} CPU-s) "
           f"vs streaming, 1 torch thread, CPU {cpu}:")
     for name, value in rate.items():

@@ -140,7 +140,7 @@ def test_what_the_allow_lists_refuse_never_reaches_the_decoder(data, reason, mon
     def no_decoder(*args, **kwargs):
         raise AssertionError("decord opened a refused video")
 
-    monkeypatch.setattr(video.decord, "VideoReader", no_decoder)
+    monkeypatch.setattr(video._decord(), "VideoReader", no_decoder)
     with pytest.raises(UnsupportedVideo, match=f"cannot decode s3://b/x.mp4: {reason}") as err:
         decode_frames(data(), [0], "s3://b/x.mp4")
     assert isinstance(err.value, VideoDecodeError) and err.value.uri == "s3://b/x.mp4"
@@ -180,6 +180,6 @@ def test_decoder_output_goes_to_the_debug_log_never_with_the_file_s_bytes(capfd,
         text = (SECRET + b"\n") * 20
         with native_stderr.routed_to(logging.getLogger("echo.data.video"), text, "notes.mp4"):
             with pytest.raises(Exception):
-                video.decord.VideoReader(io.BytesIO(text))
+                video._decord().VideoReader(io.BytesIO(text))
     assert capfd.readouterr() == ("", "")
     assert "bytes of the input, not shown" in caplog.text and "SECRET" not in caplog.text

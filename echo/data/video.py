@@ -30,10 +30,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Sequence
 
-# PyAV before decord: decord loads its FFmpeg libraries into the global symbol scope, and
-# PyAV's modules loaded after that would bind some of their FFmpeg calls to decord's build.
-import av
-import decord
 import numpy as np
 
 from echo.data.native_stderr import routed_to, screened
@@ -105,10 +101,35 @@ class VideoInfo:
     has_edit_list: bool
 
 
+@functools.lru_cache(maxsize=1)
+def _decord():
+    """The decord module, imported after PyAV and torch.
+
+    decord loads its library into the global symbol scope (ctypes ``RTLD_GLOBAL``) with its own
+    FFmpeg build and C++ template instances: torch loaded after it bound some of those and
+    crashed (a segfault in ``affine_grid``), and PyAV loaded after it sent part of its FFmpeg
+    calls, logging included, to decord's libavutil. Imported first, each binds its own.
+    Function-level imports: light commands that never decode stay free of all three.
+    """
+    import av  # noqa: F401
+    import torch  # noqa: F401
+
+    try:
+        import decord
+    except ImportError as e:  # pragma: no cover - decord is a hard dependency
+        raise ImportError(
+            "decord is required to decode videos: pip install 'decord2>=3.4,<4' "
+            "(the maintained decord fork; same `import decord`)"
+        ) from e
+    return decord
+
+
 def _yuv_frame(gray: np.ndarray):
     """A yuv420p ``av.VideoFrame`` of a gray ``(H, W)`` uint8 frame, limited range, with every
     plane's row padding zeroed: x264 reads the padding, and left uninitialised it makes the
     same frames encode to different bytes now and then."""
+    import av
+
     h, w = gray.shape
     y = (16 + (gray.astype(np.uint16) * 219 + 127) // 255).astype(np.uint8)
     chroma = np.full((h // 2, w // 2), 128, np.uint8)
@@ -156,6 +177,8 @@ def encode_mp4(frames: np.ndarray, fps: float, keyframe_interval: int = KEYFRAME
 
     ``fps`` is the true frame rate in frames per second. H and W must be even (yuv420p).
     """
+    import av
+
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 3 or len(frames) == 0:
         raise ValueError(f"frames must be a non-empty uint8 (T, H, W) gray array, got {frames.dtype} {frames.shape}")
@@ -202,6 +225,7 @@ _checked_lock = threading.Lock()
 def _read_header(data: bytes, uri: str) -> VideoHeader:
     """The headers' container, codec and largest frame size; ``UnsupportedVideo`` for what is
     not allowed. Every video stream must pass: decord's FFmpeg may pick any of them."""
+    import av
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             names = container.format.name
@@ -247,6 +271,7 @@ def check_video(data: bytes, uri: str, max_pixels: int = MAX_FRAME_PIXELS) -> Vi
 def _reader(data: bytes, uri: str):
     """A decord reader over checked bytes (``check_video``); call inside ``routed_to``."""
     check_video(data, uri)
+    decord = _decord()
     try:
         return decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1, fault_tol=_FAULT_TOLERANCE)
     except Exception as e:  # decord raises DECORDError (a RuntimeError) or its own types
