@@ -19,6 +19,7 @@ from echo.data.video import (
     encode_mp4,
     probe,
 )
+from videofiles import encode_as, write_video
 
 
 def _frames(n: int = 24, size: int = 112, seed: int = 0) -> np.ndarray:
@@ -101,36 +102,18 @@ def test_colour_or_odd_sized_frames_are_refused():
         encode_mp4(np.zeros((2, 15, 16), np.uint8), 30.0)
 
 
-def _encode(frames: np.ndarray, container: str, codec: str, pix_fmt: str = "yuv420p") -> bytes:
-    """``frames`` ``(T, H, W)`` encoded by PyAV in another container or codec than ours."""
-    import av
-
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format=container) as out:
-        stream = out.add_stream(codec, rate=25)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        for i, gray in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.repeat(gray[..., None], 3, axis=2), format="rgb24").reformat(format=pix_fmt)
-            frame.pts = i
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return buf.getvalue()
-
-
 def test_the_canonical_format_and_other_allowed_ones_pass_the_header_check():
     header = check_video(encode_mp4(_frames(n=4, size=64), 30.0), "v.mp4")
     assert "mp4" in header.container.split(",") and (header.codec, header.width, header.height) == ("h264", 64, 64)
-    header = check_video(_encode(_frames(n=4, size=64), "avi", "mjpeg", "yuvj420p"), "v.avi")
+    header = check_video(write_video(_frames(n=4, size=64), "mjpeg.avi"), "v.avi")
     assert (header.container, header.codec) == ("avi", "mjpeg")
 
 
 @pytest.mark.parametrize(
     "data, reason",
     [
-        (lambda: _encode(_frames(n=4, size=64), "mpegts", "libx264"), "container 'mpegts' is not allowed"),
-        (lambda: _encode(_frames(n=4, size=64), "matroska", "ffv1"), "codec 'ffv1' is not allowed"),
+        (lambda: encode_as(_frames(n=4, size=64), "mpegts", "libx264", "yuv420p"), "container 'mpegts' is not allowed"),
+        (lambda: encode_as(_frames(n=4, size=64), "matroska", "ffv1", "yuv420p"), "codec 'ffv1' is not allowed"),
         (lambda: b"\x00\x00\x00\x18ftypmp42" + b"not really a video" * 40, "not a readable video"),
         (lambda: b"", "empty object"),
     ],

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from dicomfiles import real_rgb
 
-__all__ = ["CODECS", "BURNED_TEXT", "TEXT_CORNER", "echo_frames", "write_video", "has_edit_list", "b_frames", "decode_all", "trim_edit_list"]
+__all__ = ["CODECS", "BURNED_TEXT", "TEXT_CORNER", "echo_frames", "write_video", "encode_as", "has_edit_list", "b_frames", "decode_all", "trim_edit_list"]
 
 # (container format, codec, pixel format, codec options)
 CODECS = {
@@ -46,13 +46,18 @@ def echo_frames(size: tuple[int, int], colour: bool, n_frames: int = 30, text: b
 
 def write_video(frames: np.ndarray, kind: str, fps: float = 30.0) -> bytes:
     """Encode ``frames`` (``(T, H, W, 3)`` RGB or ``(T, H, W)`` grey uint8) as ``kind`` (a key of CODECS)."""
-    fmt, codec, pix_fmt, options = CODECS[kind]
+    return encode_as(frames, *CODECS[kind], fps=fps)
+
+
+def encode_as(frames: np.ndarray, fmt: str, codec: str, pix_fmt: str, options: dict | None = None,
+              fps: float = 30.0) -> bytes:
+    """Encode ``frames`` (as in ``write_video``) in container ``fmt`` with ``codec`` (FFmpeg names)."""
     buf = io.BytesIO()
     with av.open(buf, mode="w", format=fmt) as container:
         stream = container.add_stream(codec, rate=round(fps) if float(fps).is_integer() else fps)
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = pix_fmt
-        stream.options = dict(options)
+        stream.options = dict(options or {})
         for i, f in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(f, format="rgb24" if f.ndim == 3 else "gray")
             frame.pts = i
