@@ -34,15 +34,14 @@ from dicomfiles import (
 from echo.data import storage
 from echo.ingest import fan
 from echo.commands import ingest as ingest_command
+from echo.data.ids import ID_KEY_ENV, keyed_hash
 from echo.ingest.pipeline import (
-    ID_KEY_ENV,
     IngestError,
     IngestOptions,
     Outcome,
     _run_pool,
     _Task,
     ingest,
-    keyed_hash,
     load_labels,
     split_for_patient,
 )

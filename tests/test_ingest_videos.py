@@ -25,7 +25,8 @@ from echo.data.manifest import load_manifest
 from echo.data.video import decode_frames, probe
 from echo.ingest import fan
 from echo.ingest.frames import work_shape
-from echo.ingest.pipeline import ID_KEY_ENV, IngestError, IngestOptions, ingest, split_for_patient
+from echo.data.ids import ID_KEY_ENV
+from echo.ingest.pipeline import IngestError, IngestOptions, ingest, split_for_patient
 
 KEY = "test-key-0123456789-not-a-real-secret"
 MRN = "MRN0012345"  # exports name files after patients

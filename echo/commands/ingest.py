@@ -7,7 +7,8 @@ import os
 import sys
 
 from echo.ingest.frames import DEFAULT_MAX_PIXELS
-from echo.ingest.pipeline import ID_KEY_ENV, LABEL_KEYS, IngestError, IngestOptions, ingest, parse_size, parse_splits
+from echo.data.ids import ID_KEY_ENV
+from echo.ingest.pipeline import LABEL_KEYS, IngestError, IngestOptions, ingest, parse_size, parse_splits
 from echo.ingest.table import LAYOUTS
 
 

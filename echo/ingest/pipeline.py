@@ -14,7 +14,7 @@ in a table is its own patient and study.
 
 De-identification:
 - ``patient_id``, ``study_id`` and every object name are HMAC-SHA256 values (first
-  ``HASH_HEX`` hex digits) under a secret key from ``ECHO_SSL_ID_KEY`` or ``--id-key-file``;
+  ``echo.data.ids.HASH_HEX`` hex digits) under a secret key from ``ECHO_SSL_ID_KEY`` or ``--id-key-file``;
   the key is held in memory only. Ingest refuses to run without one. File names are never
   copied (a name can hold an MRN); a video's object name is the keyed hash of its content.
 - Log lines and messages name a source file by its position in the sorted listing and its
@@ -34,13 +34,11 @@ without a label go to ``unlabeled`` (a dataset's own split is kept as ``source_s
 from __future__ import annotations
 
 import hashlib
-import hmac
 import io
 import json
 import logging
 import math
 import multiprocessing
-import os
 import time
 from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -52,15 +50,14 @@ import numpy as np
 import pandas as pd
 
 from echo.data import storage
+from echo.data.ids import ID_KEY_ENV, env_id_key, keyed_hash
 from echo.data.manifest import LABELLED_SPLITS, _parse_label, describe_cell, validate
 from echo.data.video import encode_mp4
 from echo.ingest import dicom, fan, table, videofile
 from echo.ingest.frames import DEFAULT_MAX_PIXELS, SkipFile, work_shape
 
 __all__ = [
-    "ID_KEY_ENV",
     "MIN_KEY_CHARS",
-    "HASH_HEX",
     "LABEL_KEYS",
     "MANIFEST_COLUMNS",
     "MASKING_VERSION",
@@ -69,7 +66,6 @@ __all__ = [
     "Outcome",
     "IngestSummary",
     "load_id_key",
-    "keyed_hash",
     "parse_size",
     "parse_splits",
     "load_labels",
@@ -79,9 +75,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ID_KEY_ENV = "ECHO_SSL_ID_KEY"
 MIN_KEY_CHARS = 16
-HASH_HEX = 32
 LABEL_KEYS = ("accession", "study_uid")
 VIDEO_FOLDER = "videos"
 MANIFEST_COLUMNS = (
@@ -227,7 +221,7 @@ def load_id_key(key_file: str | None = None) -> bytes:
             raise IngestError(f"cannot read the ID key file {key_file}: {type(e).__name__}") from None
         where = f"the key file {key_file}"
     else:
-        key = os.environ.get(ID_KEY_ENV, "").strip()
+        key = (env_id_key() or b"").decode("utf-8")
         where = f"${ID_KEY_ENV}"
     if not key:
         raise IngestError(
@@ -237,12 +231,6 @@ def load_id_key(key_file: str | None = None) -> bytes:
     if len(key) < MIN_KEY_CHARS:
         raise IngestError(f"the ID key in {where} is {len(key)} characters; use at least {MIN_KEY_CHARS}")
     return key.encode("utf-8")
-
-
-def keyed_hash(key: bytes, kind: str, value: str) -> str:
-    """HMAC-SHA256 of ``kind:value`` under ``key``, first ``HASH_HEX`` hex digits. ``kind``
-    (``patient``, ``study``, ``accession``, ``sop``, ``path``) keeps the ID spaces apart."""
-    return hmac.new(key, f"{kind}:{value}".encode("utf-8"), hashlib.sha256).hexdigest()[:HASH_HEX]
 
 
 def parse_size(text: str | int) -> tuple[int, int]:
