@@ -109,6 +109,7 @@ def test_interrupted_search_resumes_without_repeating_finished_trials(
         assert epochs(after[trial]) == logged, f"finished trial {trial} trained again"
     assert all(r.info.status == "FINISHED" for r in children)
     assert len(pd.read_csv(tmp_path / "out" / "label_efficiency.csv")) == 1
+    assert main(["tune", *args, "--resume"]) == 0  # the state both sessions wrote passes the digest check
 
 
 def test_tracking_uri_credentials_are_moved_to_the_environment(monkeypatch, caplog):
@@ -154,7 +155,7 @@ def test_resume_refuses_state_files_changed_since_the_search_wrote_them(ray_clus
     """Issue 17, item 11: ``--resume`` unpickles the cell's Tune state from the runs storage only when
     every state file matches a SHA-256 the search recorded in its MLflow parent run: a changed byte
     in ``tuner.pkl`` or in the trial states, or a file the search never wrote, stops the resume
-    naming the file; the untouched folder resumes."""
+    naming the file; the untouched folder resumes, and so does the folder that resume left."""
     from echo.cli import main
     from echo.train.tune_state import TuneStateError
 
@@ -183,4 +184,7 @@ def test_resume_refuses_state_files_changed_since_the_search_wrote_them(ray_clus
     with pytest.raises(TuneStateError, match=f"{planted.name} was not written by this search"):
         main(["tune", *args, "--resume"])
     planted.unlink()
+    assert main(["tune", *args, "--resume"]) == 0
+    # The resumed session's own state files (a new session name) were recorded too.
+    assert len(list(cell.glob("experiment_state-*.json"))) == 2
     assert main(["tune", *args, "--resume"]) == 0

@@ -212,13 +212,15 @@ def _run_cell(cfg: TuneConfig, tracking_uri: str, fraction: str, init: str, subs
         tuner = tune.Tuner(
             trainable,
             param_space=space,
+            # Tune's own random search, recording its state files as it saves them
             tune_config=tune.TuneConfig(metric="val_auroc", mode="max", num_samples=cfg.num_samples,
-                                        max_concurrent_trials=cfg.max_concurrent, scheduler=scheduler,
-                                        search_alg=None),
+                                        scheduler=scheduler,
+                                        search_alg=tune_state.RecordingVariantGenerator(
+                                            *where, max_concurrent=cfg.max_concurrent)),
             run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
                                       failure_config=tune.FailureConfig(max_failures=1), verbose=0,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                      callbacks=[tune_state.DigestRecorder(*where)]),
+                                      callbacks=[tune_state.ErrorRecorder(*where)]),
         )
         tune_state.record_file(*where, "tuner.pkl")  # written once, by Tuner() above
     return tuner.fit()

@@ -22,10 +22,12 @@ from typing import Any
 
 import pyarrow.fs as pafs
 from ray.tune import Callback
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from echo import tracking
 
-__all__ = ["TAG_PREFIX", "TuneStateError", "DigestRecorder", "record_file", "verify_experiment", "is_protected"]
+__all__ = ["TAG_PREFIX", "TuneStateError", "RecordingVariantGenerator", "ErrorRecorder", "record_file",
+           "verify_experiment", "is_protected"]
 
 TAG_PREFIX = "echo.tune_sha256."
 KEEP = 5  # versions remembered per file: the upload of the latest save may not have finished
@@ -98,48 +100,53 @@ def record_file(tracking_uri: str, run_id: str, cell: str, experiment_path: str,
     _Tags(tracking_uri, run_id, cell).add(rel, _sha256(_read(fs, f"{root}/{rel}")))
 
 
-class DigestRecorder(Callback):
-    """Tune callback recording each state file the search writes, as it writes it.
+class RecordingVariantGenerator(BasicVariantGenerator):
+    """Tune's random/grid search (``BasicVariantGenerator``) that records each state file as it is saved.
 
-    Tune writes the experiment and searcher state to the driver's staging folder, then asks the
-    callbacks for their state (``get_state``), then uploads the folder: at that moment the staging
-    files are exactly what goes to storage. It returns ``None``, so no callback state is pickled.
-    A trial's ``error.pkl`` is recorded when Tune reports the error, right after writing it.
-    Pickled into ``tuner.pkl`` with the run config: holds names and URIs only.
+    At every save Tune writes the experiment state to the driver's staging folder, then calls
+    ``search_alg.save_to_dir(staging, session)``, then uploads the folder: right after the
+    searcher's own state is written, the staging files are exactly what goes to storage. This
+    runs in a resumed search too (the searcher comes back from ``tuner.pkl``), with the new
+    session's folder. Holds names and URIs only (it is pickled with the Tuner and its state).
     """
+
+    def __init__(self, tracking_uri: str, run_id: str, cell: str, experiment_path: str, filesystem: Any = None,
+                 max_concurrent: int = 0):
+        super().__init__(max_concurrent=max_concurrent)
+        self._where = (tracking_uri, run_id, cell)
+
+    def get_state(self) -> Any:
+        state = super().get_state()
+        if state:
+            state.pop("_digest_tags", None)  # a cache of MLflow tags: reloaded, never restored
+        return state
+
+    def save_to_dir(self, dirpath: str, session_str: str) -> Any:
+        saved = super().save_to_dir(dirpath, session_str)
+        tags = getattr(self, "_digest_tags", None) or _Tags(*self._where)
+        self._digest_tags = tags
+        for path in sorted(Path(dirpath).iterdir()):
+            if path.is_file() and not path.name.startswith("tmp-"):
+                tags.add(path.name, _sha256(path.read_bytes()))
+        return saved
+
+
+class ErrorRecorder(Callback):
+    """Tune callback recording a trial's ``error.pkl`` when Tune reports the error, right after
+    writing it to the trial's folder in storage."""
 
     def __init__(self, tracking_uri: str, run_id: str, cell: str, experiment_path: str, filesystem: Any = None):
         self._where = (tracking_uri, run_id, cell)
-        self._experiment = (experiment_path, filesystem)
-        self._staging: str | None = None
-        self._tags: _Tags | None = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_staging": None, "_tags": None}
-
-    def _record(self, rel: str, data: bytes) -> None:
-        if self._tags is None:
-            self._tags = _Tags(*self._where)
-        self._tags.add(rel, _sha256(data))
-
-    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
-        if self._staging is None and trials:  # restored trials count: a resume may start none
-            self._staging = trials[0].storage.experiment_driver_staging_path
+        self._filesystem = filesystem
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         name = trial.run_metadata.pickled_error_filename
         if name is None:
             return
-        fs, root = _fs(*self._experiment)
+        fs, _ = _fs("", self._filesystem)
         path = f"{trial.storage.trial_fs_path}/{name}"
-        self._record(Path(path).relative_to(trial.storage.experiment_fs_path).as_posix(), _read(fs, path))
-
-    def get_state(self) -> None:
-        if self._staging is not None:
-            for path in sorted(Path(self._staging).iterdir()):
-                if path.is_file() and not path.name.startswith("tmp-"):
-                    self._record(path.name, path.read_bytes())
-        return None
+        rel = Path(path).relative_to(trial.storage.experiment_fs_path).as_posix()
+        _Tags(*self._where).add(rel, _sha256(_read(fs, path)))
 
 
 def verify_experiment(tracking_uri: str, run_id: str, cell: str, experiment_path: str, filesystem: Any) -> int:
