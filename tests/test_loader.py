@@ -101,9 +101,11 @@ def test_len_hint_and_drop_last(rows):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_bad_objects_are_skipped_reported_and_logged_once(bad_rows, workers, caplog):
+    """Reported in the batches and ``loader.skipped``; logged once, at debug level (the caller names
+    them to the user: see test_pretrain)."""
     n_good = len(bad_rows) - 4
     ds = SSLClipDataset(bad_rows, "simclr")
-    caplog.set_level(logging.WARNING, logger="echo.data.loader")
+    caplog.set_level(logging.DEBUG, logger="echo.data.loader")
     with VideoLoader(ds, batch_size=4, num_workers=workers, max_skipped_fraction=0.2) as loader:
         for epoch in range(2):
             batches = _epoch(loader, epoch)
@@ -116,8 +118,9 @@ def test_bad_objects_are_skipped_reported_and_logged_once(bad_rows, workers, cap
             assert reasons["text.mp4"].startswith("not a readable video")
             assert reasons["cut.mp4"].startswith("not a readable video")
             assert reasons["missing.mp4"] == "missing object"
-    logged = Counter(r.getMessage().split(":")[0] for r in caplog.records)
+    logged = Counter(r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().startswith("skipping "))
     assert len(logged) == 4 and set(logged.values()) == {1}  # each URI once over two epochs
+    assert {r.levelno for r in caplog.records if r.getMessage().startswith("skipping ")} == {logging.DEBUG}
 
 
 def test_too_many_skipped_stops_with_the_list(bad_rows):

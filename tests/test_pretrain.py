@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +16,7 @@ import pytest
 from echo import tracking
 from echo.train.pretrain import PretrainConfig, run_pretrain
 from echo.train.launch import RayOptions
+from conftest import REPO
 from test_jobs import registered_checkpoints
 
 
@@ -112,3 +116,46 @@ def test_pretraining_reports_its_gates_and_decoded_cache(pretrain_run, tracking_
     assert metrics["gate_order_chance"] == pytest.approx(1 / 24) and 0 <= metrics["gate_order_top1"] <= 1
     assert metrics["gate_valve_probe_r2"] <= 1  # the synthetic manifest has valve_severity
     assert metrics["decoded_cache_fraction"] == 1.0 and metrics["decoded_cache_mb"] > 0
+
+
+def test_every_skipped_video_is_named_exactly_once(ray_cluster, synth_small, tmp_path):
+    """Four bad objects (empty, truncated, text, missing) in studies with good videos, so they
+    are also skipped as other rows' pair partners, on two DDP workers whose shards change every
+    epoch: in the output of ``echo-ssl pretrain`` (a process of its own on the session's Ray,
+    whose workers' lines it prints) each is named once over the job, by rank 0 for all ranks,
+    and an epoch's count is of distinct videos."""
+    import pandas as pd
+
+    table = pd.read_csv(synth_small, dtype=str, keep_default_na=False)
+    base = Path(synth_small).parent
+    table["video_uri"] = [str(base / v) for v in table["video_uri"]]
+    good = Path(table["video_uri"].iloc[0]).read_bytes()
+    bad = {"empty.mp4": b"", "truncated.mp4": good[: len(good) // 3], "text.mp4": b"not a video\n" * 50,
+           "missing.mp4": None}
+    rows = []
+    for i, (name, data) in enumerate(bad.items()):
+        path = tmp_path / "bad" / name
+        path.parent.mkdir(exist_ok=True)
+        if data is not None:
+            path.write_bytes(data)
+        row = table[table["split"] == "unlabeled"].iloc[i].copy()  # a study that has good videos too
+        row["video_uri"] = str(path)
+        rows.append(row)
+    manifest = tmp_path / "manifest.csv"
+    pd.concat([table, pd.DataFrame(rows)], ignore_index=True).to_csv(manifest, index=False)
+    flags = {"manifest": str(manifest), "method": "mi-simclr", "backbone": "tiny3d", "epochs": "3", "batch-size": "4",
+             "clip-len": "4", "lr": "1e-3", "loader-workers": "0", "probe-every": "0", "max-skipped-fraction": "0.5",
+             "splits": "unlabeled", "tracking-uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "workers": "2",
+             "cpus-per-worker": "0.5", "storage": str(tmp_path / "runs"),
+             "ray-address": ray_cluster.get_runtime_context().gcs_address}
+    done = subprocess.run([sys.executable, "-m", "echo.cli", "pretrain", *(x for k, v in flags.items() for x in (f"--{k}", v))],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Without colours and Ray's "(RayTrainWorker pid=...) " prefix: the lines as the loop wrote them.
+    lines = [re.sub(r"^\(\S+ pid=\d+[^)]*\) ", "", re.sub(r"\x1b\[[0-9;]*m", "", line))
+             for line in (done.stdout + done.stderr).splitlines()]
+    named = [line.split()[1].rstrip(":") for line in lines if line.startswith("skipped /")]
+    assert sorted(named) == sorted(str(tmp_path / "bad" / n) for n in bad), "\n".join(lines[-80:])
+    counts = [int(line.split("skipped ")[1].split()[0]) for line in lines if line.startswith("pretrain epoch")]
+    assert len(counts) == 3 and max(counts) <= len(bad)
+    assert not [line for line in lines if "skipping /" in line]  # the loaders do not name them again

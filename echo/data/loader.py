@@ -23,8 +23,9 @@ Memory is bounded: a worker runs at most ``prefetch_factor * batch_size`` sample
 
 Skips. A sample the dataset cannot produce (``echo.data.dataset.SampleSkipped``), a timeout or a
 worker death becomes a ``Skip(uri, reason)``. Each batch carries ``batch["skipped"]``, the
-skips since the previous batch; ``loader.skipped`` lists the epoch's skips; each URI is
-logged once per loader. Once an epoch's skips exceed ``max_skipped_fraction`` of the samples
+skips since the previous batch; ``loader.skipped`` lists the epoch's skips. The caller names
+them (a training job once per job across ranks: ``echo.train.session.SkipReport``); the
+loader logs each URI once, at debug level. Once an epoch's skips exceed ``max_skipped_fraction`` of the samples
 this rank attempts, iteration raises ``TooManySkipped`` listing them. Batches can be smaller
 than ``batch_size`` where samples were skipped; a batch whose every sample was skipped is
 not yielded (its skips ride on the next batch), so ``len_hint()`` is exact when nothing is
@@ -299,7 +300,7 @@ class VideoLoader:
         self.skipped.append(skip)
         if skip.uri not in self._logged:
             self._logged.add(skip.uri)
-            log.warning("skipping %s: %s", skip.uri, skip.reason)
+            log.debug("skipping %s: %s", skip.uri, skip.reason)
         self._check(epoch)
 
     def _check(self, epoch: int) -> None:

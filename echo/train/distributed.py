@@ -22,7 +22,8 @@ from typing import Any, Iterable, Iterator
 
 from torch import Tensor
 
-__all__ = ["is_distributed", "rank", "world_size", "is_rank0", "all_reduce_sum", "lockstep", "gather_with_grad", "gather_rows"]
+__all__ = ["is_distributed", "rank", "world_size", "is_rank0", "all_reduce_sum", "gather_objects", "lockstep",
+           "gather_with_grad", "gather_rows"]
 
 
 def is_distributed() -> bool:
@@ -52,6 +53,15 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a process group."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def lockstep(batches: Iterable[Any], device: torch.device) -> Iterator[Any]:

@@ -41,7 +41,7 @@ from echo.train.checkpoint import load_state, resume_state, training_state
 from echo.train.distributed import all_reduce_sum, lockstep
 from echo.train.launch import RayOptions, fit_tracked, open_tracked_run
 from echo.train.optim import build_optimizer, optimizer_step
-from echo.train.session import RayTrainSession, Session, progress, rank0_logger
+from echo.train.session import RayTrainSession, Session, SkipReport, progress, rank0_logger
 from echo.train.settings import RunState, TrainConfig, from_loop_config, setting, with_default
 
 __all__ = [
@@ -219,6 +219,7 @@ def finetune_loop(config: dict[str, Any], session: Session | None = None,
                                            cfg.warmup_epochs, cfg.schedule)
     start_epoch, step, state = resume_state(session.latest_state(), core, optimizer, scheduler)
     best = state["best"] if state else {"metric": None, "epoch": 0, "model": copy.deepcopy(core.state_dict()), "bad": 0}
+    skips = SkipReport()
     logger = rank0_logger(session, run.tracking_uri, run.run_id, key="val_auroc")
     use_amp = cfg.amp and device.type == "cuda"
     sign = 1.0 if cfg.monitor == "auroc" else -1.0
@@ -236,7 +237,7 @@ def finetune_loop(config: dict[str, Any], session: Session | None = None,
         model.train()
         if frozen:
             core.backbone.eval()  # linear probe: batch-norm statistics stay as pretrained
-        sums = np.zeros(3)  # loss sum, samples, skipped
+        sums = np.zeros(2)  # loss sum, samples
         for batch in lockstep(loader, device):
             clips = batch["clip"].to(device, non_blocking=True)
             target = batch["label"].to(device).float() * (1 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
@@ -245,10 +246,11 @@ def finetune_loop(config: dict[str, Any], session: Session | None = None,
             loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight.to(device))
             optimizer_step(model, optimizer, loss, cfg.grad_clip)
             step += 1
-            sums += [loss.item() * len(clips), len(clips), len(batch.get("skipped", []))]
+            sums += [loss.item() * len(clips), len(clips)]
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        loss_sum, seen, skipped = all_reduce_sum(list(sums), device)
+        loss_sum, seen = all_reduce_sum(list(sums), device)
+        skipped = skips.epoch(loader.skipped)
         val = _validate(core, val_rows, cfg, session)
         current = val["val_auroc"] if cfg.monitor == "auroc" else val["val_loss"]
         if best["metric"] is None or sign * current > sign * best["metric"]:
@@ -272,7 +274,7 @@ def finetune_loop(config: dict[str, Any], session: Session | None = None,
         progress(
             f"finetune epoch {epoch + 1}/{cfg.epochs}  train loss {metrics['train_loss']:.4f}  "
             f"val loss {val['val_loss']:.4f}  val AUROC {val['val_auroc']:.3f}  best {best['metric']:.3f} "
-            f"(epoch {best['epoch']})" + ("  [frozen backbone]" if frozen else "") + (f"  skipped {int(skipped)}" if skipped else "")
+            f"(epoch {best['epoch']})" + ("  [frozen backbone]" if frozen else "") + (f"  skipped {int(skipped)} video(s)" if skipped else "")
         )
 
 

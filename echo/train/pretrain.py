@@ -40,7 +40,7 @@ from echo.train.distributed import all_reduce_sum, lockstep
 from echo.train.launch import RayOptions, fit_tracked, open_tracked_run
 from echo.train.losses import NTXentLoss, frame_order_loss
 from echo.train.optim import build_optimizer, optimizer_step
-from echo.train.session import RayTrainSession, Session, progress, rank0_logger
+from echo.train.session import RayTrainSession, Session, SkipReport, progress, rank0_logger
 from echo.train.settings import RunState, TrainConfig, from_loop_config, loop_config, setting, with_default
 
 __all__ = ["PretrainConfig", "pretrain_loop", "run_pretrain"]
@@ -132,6 +132,7 @@ def pretrain_loop(config: dict[str, Any], session: Session | None = None,
     criterion = NTXentLoss(temperature=cfg.temperature)
     start_epoch, step, _ = resume_state(session.latest_state(), core, optimizer, scheduler)
     logger = rank0_logger(session, run.tracking_uri, run.run_id, key="loss")
+    skips = SkipReport()
     if start_epoch:
         progress(f"resuming at epoch {start_epoch + 1}/{cfg.epochs} (step {step})")
         logger.log({"resumed_at_epoch": start_epoch}, start_epoch, once_key="resumed_at_epoch")
@@ -139,7 +140,7 @@ def pretrain_loop(config: dict[str, Any], session: Session | None = None,
     for epoch in range(start_epoch, cfg.epochs):
         loader.set_epoch(epoch)
         model.train()
-        sums = np.zeros(6)  # loss, contrastive acc, order acc, clips, batches, skipped
+        sums = np.zeros(5)  # loss, contrastive acc, order acc, clips, batches
         wait_s = 0.0
         started = time.perf_counter()
         mark = started
@@ -162,14 +163,15 @@ def pretrain_loop(config: dict[str, Any], session: Session | None = None,
                 order_acc = (logits.argmax(1) == target).float().mean().detach()
             optimizer_step(model, optimizer, loss, cfg.grad_clip)
             step += 1
-            sums += [loss.item(), float(acc), float(order_acc), 2 * len(v1), 1, len(batch.get("skipped", []))]
+            sums += [loss.item(), float(acc), float(order_acc), 2 * len(v1), 1]
             mark = time.perf_counter()
         elapsed = time.perf_counter() - started
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        loss_sum, acc_sum, order_sum, clips, batches, skipped, wait_total, elapsed_max = all_reduce_sum(
+        loss_sum, acc_sum, order_sum, clips, batches, wait_total, elapsed_max = all_reduce_sum(
             [*sums, wait_s, elapsed], device
         )
+        skipped = skips.epoch(loader.skipped)
         batches = max(batches, 1.0)
         metrics = {
             "epoch": epoch + 1,
@@ -206,7 +208,7 @@ def pretrain_loop(config: dict[str, Any], session: Session | None = None,
             + (f"  probe AUROC {metrics['probe_val_auroc']:.3f}" if "probe_val_auroc" in metrics else "")
             + gate_line
             + f"  {metrics['clips_per_s']:.0f} clips/s  data wait {100 * metrics['data_wait_fraction']:.0f}%"
-            + (f"  skipped {int(skipped)}" if skipped else "")
+            + (f"  skipped {int(skipped)} video(s)" if skipped else "")
         )
     if session.rank == 0 and run.run_id:
         _log_encoder(core, cfg, run)

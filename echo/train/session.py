@@ -19,9 +19,9 @@ import torch
 
 from echo import tracking
 from echo.train import checkpoint as ckpt
-from echo.train.distributed import is_rank0
+from echo.train.distributed import gather_objects, is_rank0
 
-__all__ = ["Session", "RayTrainSession", "TuneSession", "LocalSession", "progress", "rank0_logger"]
+__all__ = ["Session", "RayTrainSession", "TuneSession", "LocalSession", "progress", "rank0_logger", "SkipReport"]
 
 log = logging.getLogger(__name__)
 
@@ -175,4 +175,27 @@ def rank0_logger(session: Session, tracking_uri: str | None, run_id: str | None,
     if session.rank != 0 or not run_id:
         return _NoLogger()
     return _EpochLogger(tracking_uri, run_id, key)
+
+
+class SkipReport:
+    """The videos a job skipped: each named once per job, on rank 0, and counted per epoch.
+
+    A video can be skipped several times in an epoch (as a row, and as another row's pair
+    partner) and on different ranks in different epochs; the count is of distinct videos, and
+    the name comes with the first epoch that skips it. Call :meth:`epoch` on every rank (it
+    gathers the ranks' skips).
+    """
+
+    def __init__(self) -> None:
+        self.named: set[str] = set()
+
+    def epoch(self, skips: Any) -> int:
+        """``skips``: this rank's ``(uri, reason)`` pairs of the epoch (``VideoLoader.skipped``).
+        Returns the number of distinct videos skipped by all ranks."""
+        mine = sorted({(str(uri), str(reason)) for uri, reason in skips})
+        distinct = dict(pair for part in gather_objects(mine) for pair in part)
+        for uri in sorted(distinct.keys() - self.named):
+            progress(f"skipped {uri}: {distinct[uri]}")
+        self.named.update(distinct)
+        return len(distinct)
 
