@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from echo.train.launch import RayOptions
 from echo.train.settings import Flatten, help_of
 
-__all__ = ["add_config_arguments", "config_from_args", "add_ray_arguments", "ray_options_from_args"]
+__all__ = ["add_config_arguments", "config_from_args", "add_ray_arguments", "ray_options_from_args",
+           "add_training_arguments", "run_training"]
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> Any:
@@ -83,14 +84,25 @@ def config_from_args(cls: type, args: argparse.Namespace):
     return cls(**values)
 
 
-def add_ray_arguments(parser: argparse.ArgumentParser, workers: int = 1) -> None:
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``RayOptions`` flags, plus ``--resume`` and ``--ray-address``."""
     g = parser.add_argument_group("Ray")
     add_config_arguments(parser, RayOptions, group=g)
-    g.set_defaults(workers=workers)
     g.add_argument("--resume", action="store_true", help="continue the run named by --run-name from its latest checkpoint")
     g.add_argument("--ray-address", default=None, help="Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
 
 
 def ray_options_from_args(args: argparse.Namespace) -> RayOptions:
     return config_from_args(RayOptions, args)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """A Ray Train job's flags: its config dataclass ``cls`` and the Ray options."""
+    add_config_arguments(parser, cls)
+    add_ray_arguments(parser)
+
+
+def run_training(job: Callable[..., str], cls: type, args: argparse.Namespace) -> int:
+    """Run ``job(config, ray_options, resume=, ray_address=)`` (``run_pretrain``, ``run_finetune``) from the flags."""
+    job(config_from_args(cls, args), ray_options_from_args(args), resume=args.resume, ray_address=args.ray_address)
+    return 0
