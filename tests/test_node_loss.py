@@ -1,6 +1,6 @@
 """Surviving the loss of a node: a 2-worker pretraining on a three-node Ray cluster on 127.0.0.1.
 
-Nodes are separate process groups (``test_jobs.LocalRayCluster``): a head with no CPUs (the
+Nodes are separate process groups (``raycluster.LocalRayCluster``): a head with no CPUs (the
 driver and the Train controller live there, as on a real cluster) and two 1-CPU worker nodes.
 Both Train workers (0.5 CPU each) land on one worker node; once the run's first checkpoint is in
 the moto S3 bucket, the test SIGKILLs every process of that node at once (a machine lost, no
@@ -19,7 +19,7 @@ import time
 import uuid
 
 from conftest import REPO
-from test_jobs import (LocalRayCluster, RayNode, checkpoint_keys, pretrain_run, registered_checkpoints, synth_to_s3,
+from raycluster import (LocalRayCluster, RayNode, checkpoint_keys, pretrain_run, registered_checkpoints, synth_to_s3,
                        tail)
 
 EPOCHS = 6

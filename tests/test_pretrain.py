@@ -17,7 +17,7 @@ from echo import tracking
 from echo.train.pretrain import PretrainConfig, run_pretrain
 from echo.train.launch import RayOptions
 from conftest import REPO
-from test_jobs import registered_checkpoints
+from raycluster import registered_checkpoints
 
 
 def _config(manifest: str, tmp_path: Path, **kw) -> PretrainConfig:
