@@ -168,11 +168,12 @@ PROFILES: dict[str, Profile] = {
 
 
 def quick_profile(profile: Profile, patients: int = 60) -> Profile:
-    """A minutes-long smoke version of ``profile``: few patients, steps, counts and draws."""
+    """A minutes-long smoke version of ``profile``: few patients, steps, counts and draws; the
+    ``gpu`` profile keeps its backbone (r3d_18) at 32 px so that it runs on a CPU too."""
     return dataclasses.replace(
         profile, name=f"{profile.name}-quick", patients=patients, unlabeled_patients=patients // 3,
-        splits=(0.5, 0.2, 0.3), size=64, min_frames=12, max_frames=16, synth_workers=min(profile.synth_workers, 2),
-        backbone="tiny3d" if profile.name == "cpu" else profile.backbone, pretrain_steps=6, pretrain_batch=8,
+        splits=(0.5, 0.2, 0.3), size=64 if profile.backbone == "tiny3d" else 32, min_frames=12, max_frames=16,
+        synth_workers=min(profile.synth_workers, 2), pretrain_steps=6, pretrain_batch=8,
         cache_decoded_mb=256, counts=(6, 12, 0), draws=(3, 2, 1), probe_clips=1, order_videos=8, ft_counts=(6,),
         ft_draws=(1,), ft_epochs=1, ft_steps_per_epoch=2, ft_batch=4, ft_clip_len=4, ft_stride=1, eval_clips=1,
         n_resamples=100,

@@ -125,3 +125,15 @@ def test_decision_needs_gate_gain_interval_ordering_and_task_range() -> None:
     easy = summary.copy()
     easy.loc[easy["readout"] == "finetune", "auroc_mean"] = 0.99
     assert not le.decide(easy, gates, (6, 12))["goal_met"]
+
+
+def test_gpu_profile_quick_runs_on_cpu(tmp_path: Path) -> None:
+    """The ``gpu`` profile's code path (r3d_18, its fine-tuning settings) at ``--quick`` size on
+    the CPU: no GPU is lent to CI. One method, probe and fine-tuning readouts."""
+    profile = dataclasses.replace(le.quick_profile(le.PROFILES["gpu"], patients=40), unlabeled_patients=10,
+                                  min_frames=8, max_frames=10, counts=(6,), draws=(1,), ft_steps_per_epoch=1,
+                                  ft_batch=2, ft_clip_len=4, ft_lrs=(1e-4,), n_resamples=20)
+    assert profile.backbone == "r3d_18" and profile.size == 32
+    out = le.run_benchmark(profile, tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}", methods=("echoclr",))
+    assert set(out["rows"]["readout"]) == {"probe", "finetune"}
+    assert out["gates"]["method"].tolist() == ["random", "echoclr"]
