@@ -59,7 +59,7 @@ def test_finetune_from_pretraining_run_records_metrics_intervals_plots_and_model
     import echo
 
     model = echo.load_model(f"runs:/{run_id}/model", tracking_uri=tracking_uri)
-    assert model.meta["pretrain_run_id"] == pretrain_run and model.meta["label_fraction"] == 0.5
+    assert model.meta.pretrain_run_id == pretrain_run and model.meta.label_fraction == 0.5
 
 
 def test_a_pretraining_runs_encoder_is_fetched_for_the_block_only(pretrain_run, tracking_uri) -> None:

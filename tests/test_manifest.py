@@ -23,7 +23,6 @@ from echo.cli import main
 from echo.data.manifest import (
     ManifestError,
     absolute_uri,
-    hash_ids,
     label_fraction_patients,
     load_manifest,
 )
@@ -431,21 +430,3 @@ def test_label_fractions_are_nested_for_a_seed() -> None:
 def test_bad_label_fraction_raises(fraction: float) -> None:
     with pytest.raises(ValueError, match="label fraction"):
         label_fraction_patients(train_table(20), fraction, seed=0)
-
-
-# Salted hashes of IDs
-
-
-def test_hash_ids_are_salted_and_stable() -> None:
-    ids = ["1001", "1002", "PID-ALPHA-7731"]
-    salt, hashes = hash_ids(ids, salt="pepper")
-    assert salt == "pepper" and len(hashes) == 3 and len(set(hashes)) == 3
-    assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes)
-    assert hash_ids(ids, salt="pepper") == (salt, hashes)
-    assert hash_ids(ids, salt="salt2")[1] != hashes
-    assert hashes[0] != hashlib.sha256(b"1001").hexdigest()  # the salt is really mixed in
-    assert not any(i in h for i in ids for h in hashes)
-    salt_a, hashes_a = hash_ids(ids)
-    salt_b, hashes_b = hash_ids(ids)
-    assert salt_a != salt_b and hashes_a != hashes_b and len(salt_a) >= 16
-    assert hash_ids(ids, salt=salt_a)[1] == hashes_a

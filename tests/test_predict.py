@@ -16,6 +16,7 @@ import echo
 from echo.serve.bundle import load_bundle, save_bundle
 from echo.cli import main
 from echo.data.clips import eval_clips
+from echo.data.ids import HASH_HEX
 from echo.model.networks import ASClassifier
 from echo.data.video import VideoDecodeError, encode_mp4
 
@@ -84,7 +85,7 @@ def test_cli_and_api_agree_and_studies_stay_anonymous(videos, tmp_path, capsys):
     api_manifest = model.predict_manifest(str(manifest), split="test")
     assert len(api_manifest) == 3 and set(api_manifest["split"]) == {"test"}
     a, b = api_manifest["study"][0], api_manifest["study"][2]
-    assert a == api_manifest["study"][1] != b and len(a) == 16
+    assert a == api_manifest["study"][1] != b and len(a) == HASH_HEX
     mean_a = api_videos["probability"][:2].mean()
     assert api_manifest["study_probability"][0] == pytest.approx(mean_a, abs=1e-12)
     assert api_manifest["study_prediction"].tolist() == [int(p >= 0.5) for p in api_manifest["study_probability"]]
@@ -99,7 +100,7 @@ def test_cli_and_api_agree_and_studies_stay_anonymous(videos, tmp_path, capsys):
     text = out_file.read_text()
     assert "SECRET" not in text + printed.out + printed.err
     doc = json.loads(text)
-    assert doc["threshold"] == 0.5 and doc["model"]["weights_sha256"] == model.meta["weights_sha256"]
+    assert doc["threshold"] == 0.5 and doc["model"]["weights_sha256"] == model.meta.weights_sha256
     rows = pd.DataFrame(doc["videos"])
     assert rows["video_uri"].tolist() == videos + videos
     np.testing.assert_allclose(rows["probability"][:3], api_videos["probability"], atol=1e-6)
@@ -119,3 +120,32 @@ def test_bad_inputs_name_the_video(videos, tmp_path):
         model.predict_videos([str(broken)])
     with pytest.raises(FileNotFoundError, match="no bundle folder at"):
         echo.load_model(str(tmp_path / "nowhere"))
+
+
+def test_evaluate_scores_exactly_as_predict_on_videos_of_another_size(tmp_path, monkeypatch):
+    """A 32 px model on 48 px and 64 px videos: evaluate resizes as predict does (issue 18)."""
+    from sklearn.metrics import roc_auc_score
+
+    from echo.evaluation.evaluate import evaluate_model
+
+    monkeypatch.chdir(tmp_path)
+    bundle = make_bundle(tmp_path / "b", threshold=0.5)
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    rows = []
+    for i in range(8):  # 4 studies of 2 videos, sizes alternating, two severe studies
+        size = 48 if i % 2 else 64
+        rows.append({"video_uri": write_video(folder / f"v{i}.mp4", 12 + i, size, 100 + i), "patient_id": f"P{i // 2}",
+                     "study_id": f"S{i // 2}", "split": "test", "label": int(i // 2 in (1, 2))})
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+
+    predicted = echo.load_model(bundle).predict_manifest(str(manifest), split="test")
+    report = evaluate_model(bundle, str(manifest), "test", str(tmp_path / "eval"), f"sqlite:///{tmp_path / 'm.db'}",
+                            n_resamples=50, workers=0)
+    evaluated = pd.read_csv(tmp_path / "eval" / "test_video_predictions.csv")
+    assert evaluated["video_uri"].tolist() == predicted["video_uri"].tolist()
+    np.testing.assert_allclose(evaluated["probability"], predicted["probability"], rtol=0, atol=1e-6)
+    assert report["test_video_auroc"] == pytest.approx(roc_auc_score(predicted["label"], predicted["probability"]))
+    studies = predicted.groupby("study", sort=False).agg(label=("label", "max"), p=("study_probability", "first"))
+    assert report["test_auroc"] == pytest.approx(roc_auc_score(studies["label"], studies["p"]))

@@ -123,8 +123,9 @@ def test_register_refuses_a_run_without_a_model(server):
         registry.register("models:/as-none/1", name="as-none")
 
 
-def _s3_bundle_key(server, model_id: str, filename: str) -> str:
-    keys = [u for u in storage.list_prefix(f"s3://{server.bucket}/mlflow") if u.endswith(f"{model_id}/artifacts/artifacts/bundle/{filename}")]
+def _s3_model_key(server, model_id: str, relpath: str) -> str:
+    """The S3 key of a file of a logged model (``relpath`` from the model's root)."""
+    keys = [u for u in storage.list_prefix(f"s3://{server.bucket}/mlflow") if u.endswith(f"{model_id}/artifacts/{relpath}")]
     assert len(keys) == 1, keys
     return keys[0]
 
@@ -140,21 +141,21 @@ def test_pull_from_another_process_verifies_and_refuses_tampering(server, tmp_pa
     assert f"{name} version 1 (aliases: champion)" in done.stdout
     assert "test AUROC 0.830 (95% CI 0.780-0.880)" in done.stdout
     assert f"manifest sha256 {MANIFEST_A}" in done.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["model.json", "registry.json", "weights.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["digests.json", "model.json", "registry.json", "weights.pt"]
     assert file_sha256(out / "weights.pt") == file_sha256(Path(bundle) / "weights.pt")
     assert server.url not in (out / "registry.json").read_text()
 
     # The pulled folder loads with no registry at all; altering it locally is refused.
-    assert load_model(str(out)).meta["registry"]["version"] == "1"
+    assert load_model(str(out)).meta.registry["version"] == "1"
     weights = bytearray((out / "weights.pt").read_bytes())
     weights[-100] ^= 0xFF
     (out / "weights.pt").write_bytes(bytes(weights))
-    with pytest.raises(BundleIntegrityError, match="SHA-256"):
+    with pytest.raises(BundleIntegrityError, match="weights.pt was changed"):
         load_model(str(out))
 
     # Tampered in the artifact store: the weights alone, then weights and model.json together.
     ref = registry.resolve(f"models:/{name}@champion")
-    weights_key = _s3_bundle_key(server, ref.model_id, "weights.pt")
+    weights_key = _s3_model_key(server, ref.model_id, "artifacts/bundle/weights.pt")
     storage.write_bytes(weights_key, bytes(weights))
     assert main(["models", "pull", f"models:/{name}/1", "--out", str(tmp_path / "again")]) == 1
     assert "does not match" in (err := capsys.readouterr().err) and "refusing" in err
@@ -162,13 +163,73 @@ def test_pull_from_another_process_verifies_and_refuses_tampering(server, tmp_pa
     with pytest.raises(BundleIntegrityError):
         load_model(f"models:/{name}@champion")
 
-    config_key = _s3_bundle_key(server, ref.model_id, "model.json")
+    config_key = _s3_model_key(server, ref.model_id, "artifacts/bundle/model.json")
     forged = json.loads(storage.read_bytes(config_key))
     forged["weights_sha256"] = file_sha256(out / "weights.pt")
     storage.write_bytes(config_key, json.dumps(forged).encode())
-    with pytest.raises(BundleIntegrityError, match="registered for version 1"):
+    with pytest.raises(BundleIntegrityError, match="artifacts/bundle/model.json was changed"):
         registry.pull(f"models:/{name}@champion", str(tmp_path / "forged"))
     assert not (tmp_path / "forged" / "weights.pt").exists()
+
+
+def _serve_load(uri: str, url: str) -> subprocess.CompletedProcess:
+    """``mlflow.pyfunc.load_model(uri)`` in its own process: the loader ``mlflow models serve`` runs
+    (entry file, shipped code, ``load_context``) without the HTTP server around it."""
+    return subprocess.run([sys.executable, "-c", "import sys, mlflow; mlflow.pyfunc.load_model(sys.argv[1])", uri],
+                          capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": url}, timeout=300)
+
+
+def _changed(data: bytes, relpath: str) -> bytes:
+    """``data`` with one byte changed: the threshold in model.json (0.5 -> 0.9), a letter of a
+    code file's docstring (still valid Python), a byte in the middle of the weights."""
+    if relpath.endswith("model.json"):
+        assert data.count(b'"threshold": 0.5') == 1
+        return data.replace(b'"threshold": 0.5', b'"threshold": 0.9')
+    if relpath.endswith(".py"):
+        i = data.index(b'"""') + 3
+        return data[:i] + bytes([data[i] ^ 0x20]) + data[i + 1 :]
+    i = len(data) // 2
+    return data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
+
+
+def test_a_changed_file_or_missing_digest_is_refused_by_pull_load_and_serve(server, tmp_path, capsys):
+    """Issue 17 item 1: one byte of model.json, weights.pt or a shipped code file changed in the
+    artifact store (moto S3), and the digest tags removed: each refused, naming the file."""
+    name = f"as-{uuid.uuid4().hex[:8]}"
+    registry.register(log_run(make_bundle(tmp_path / "bundle", 0.8, seed=5)), name=name)
+    uri = f"models:/{name}@champion"
+    ref = registry.resolve(uri)
+    assert ref.tags["bundle_digest"] == mlflow.MlflowClient(server.url).get_run(ref.run_id).data.tags["echo.bundle_digest"]
+    assert _serve_load(uri, server.url).returncode == 0  # untouched, it loads
+
+    for relpath in ("artifacts/bundle/model.json", "artifacts/bundle/weights.pt", "code/echo/serve/predict.py"):
+        key = _s3_model_key(server, ref.model_id, relpath)
+        original = storage.read_bytes(key)
+        storage.write_bytes(key, _changed(original, relpath))
+        try:
+            assert main(["models", "pull", uri, "--out", str(tmp_path / "pulled")]) == 1
+            assert f"{relpath} was changed" in capsys.readouterr().err
+            assert not (tmp_path / "pulled" / "weights.pt").exists()
+            with pytest.raises(BundleIntegrityError, match=f"{relpath} was changed"):
+                load_model(uri)
+            served = _serve_load(uri, server.url)
+            assert served.returncode != 0 and f"{relpath} was changed" in served.stderr, served.stderr[-2000:]
+        finally:
+            storage.write_bytes(key, original)
+
+    client = mlflow.MlflowClient(server.url)
+    client.delete_model_version_tag(name, ref.version, "bundle_digest")
+    client.delete_tag(ref.run_id, "echo.bundle_digest")
+    assert main(["models", "pull", uri, "--out", str(tmp_path / "pulled")]) == 1
+    assert "no bundle digest is recorded" in capsys.readouterr().err
+    with pytest.raises(BundleIntegrityError, match="no bundle digest is recorded"):
+        load_model(f"runs:/{ref.run_id}/model")
+    served = _serve_load(uri, server.url)
+    assert served.returncode != 0 and "no bundle digest is recorded" in served.stderr, served.stderr[-2000:]
+    # Only with the explicit flag, and said so.
+    assert main(["models", "pull", uri, "--out", str(tmp_path / "pulled"), "--allow-unverified"]) == 0
+    assert "bundle digest: none recorded (UNVERIFIED)" in capsys.readouterr().out
+    assert load_model(uri, allow_unverified=True).meta.threshold == 0.5
 
 
 def test_embedded_sqlite_default_in_working_folder(tmp_path, monkeypatch):
@@ -181,7 +242,7 @@ def test_embedded_sqlite_default_in_working_folder(tmp_path, monkeypatch):
     assert list((tmp_path / "mlruns").rglob("weights.pt"))
     assert version == registry.resolve(f"models:/{registry.DEFAULT_NAME}@champion").version == "1"
     model = load_model(f"models:/{registry.DEFAULT_NAME}@champion")
-    assert model.meta["registry"]["version"] == "1" and model.meta["test_auroc"] == 0.75
+    assert model.meta.registry["version"] == "1" and model.meta.test_auroc == 0.75
 
 
 def test_no_credentials_in_params_tags_artifacts_or_logs(server, tmp_path):
@@ -193,7 +254,7 @@ def test_no_credentials_in_params_tags_artifacts_or_logs(server, tmp_path):
     secrets = [*server.fake_keys, *CLIENT_KEYS]
 
     client = mlflow.MlflowClient(server.url)
-    texts = [json.dumps(meta), registry.format_summary(meta), server.log.read_text(errors="replace")]
+    texts = [json.dumps(meta.to_json()), json.dumps(meta.registry), registry.format_summary(meta), server.log.read_text(errors="replace")]
     texts += [p.read_text() for p in (tmp_path / "pulled").glob("*.json")]
     for exp in client.search_experiments():
         for run in client.search_runs([exp.experiment_id]):

@@ -1,6 +1,8 @@
 """The pyfunc flavour under a real ``mlflow models serve`` (model pulled through the MLflow
-server from moto S3): the same probabilities as ``echo-ssl predict`` and ``echo.load_model``,
-and only URIs under the allowed prefixes are opened."""
+server from moto S3): the same probabilities as ``echo-ssl predict``, ``echo.load_model`` and
+``echo-ssl evaluate`` (videos of another size than the model's included), only URIs under the
+allowed prefixes are opened, and hostile files get a per-row error while the server keeps
+answering."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import free_port, open_loopback, stop_process_group, wait_for_http, wait_for_port
@@ -26,6 +29,7 @@ from echo.serve.bundle import save_bundle
 from echo.model.networks import ASClassifier
 from echo.serve.pyfunc import ALLOWED_PREFIXES_ENV, URINotAllowedError, allowed_prefixes, check_allowed, log_model_bundle
 from echo.data.video import encode_mp4
+from echo.evaluation.evaluate import evaluate_model
 
 
 def test_default_policy_allows_only_the_working_folder(tmp_path, monkeypatch):
@@ -86,7 +90,7 @@ def test_models_serve_matches_predict(mlflow_server, s3_bucket, tmp_path, monkey
     serve_dir.mkdir()
     rng = np.random.default_rng(0)
     local = []
-    for i, (n, size) in enumerate([(20, 32), (6, 32), (16, 64)]):
+    for i, (n, size) in enumerate([(20, 32), (6, 32), (16, 64), (10, 48)]):
         (serve_dir / f"v{i}.mp4").write_bytes(encode_mp4(rng.integers(0, 256, (n, size, size), dtype=np.uint8), fps=25))
         local.append(str(serve_dir / f"v{i}.mp4"))
     s3_ok, s3_private = f"s3://{s3_bucket}/allowed/v.mp4", f"s3://{s3_bucket}/private/v.mp4"
@@ -99,6 +103,7 @@ def test_models_serve_matches_predict(mlflow_server, s3_bucket, tmp_path, monkey
         **os.environ,
         "MLFLOW_TRACKING_URI": mlflow_server.url,
         ALLOWED_PREFIXES_ENV: f"{serve_dir},s3://{s3_bucket}/allowed/",
+        "ECHO_SSL_SERVE_DECODE_MB": "256",
         # mlflow models serve runs `uvicorn` by name: the venv's bin folder must be on PATH.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
@@ -128,9 +133,38 @@ def test_models_serve_matches_predict(mlflow_server, s3_bucket, tmp_path, monkey
         assert status == 200, answer
         served = answer["predictions"]
         assert [r["video_uri"] for r in served] == uris
-        np.testing.assert_allclose([r["probability"] for r in served], expected, atol=1e-5)
+        np.testing.assert_allclose([r["probability"] for r in served], expected, rtol=0, atol=1e-6)
         assert [r["prediction"] for r in served] == api["prediction"].tolist()
         assert [r["call"] for r in served] == api["call"].tolist()
+        assert [r["error"] for r in served] == [""] * len(uris)
+
+        # echo-ssl evaluate scores the same videos (32, 48 and 64 px for a 32 px model) to the same numbers.
+        manifest = tmp_path / "manifest.csv"
+        pd.DataFrame({"video_uri": local, "patient_id": ["P0", "P1", "P2", "P3"], "study_id": ["S0", "S1", "S2", "S3"],
+                      "split": "test", "label": [1, 0, 1, 0]}).to_csv(manifest, index=False)
+        evaluate_model(model_uri, str(manifest), "test", str(tmp_path / "eval"), mlflow_server.url, n_resamples=20,
+                       workers=0)
+        evaluated = pd.read_csv(tmp_path / "eval" / "test_video_predictions.csv")
+        assert evaluated["video_uri"].tolist() == local
+        np.testing.assert_allclose(evaluated["probability"], [r["probability"] for r in served[:4]], rtol=0, atol=1e-6)
+
+        # Hostile files cost their row, not the server: not a video; 4096x4096 frames in 9 KB.
+        (serve_dir / "notes.mp4").write_bytes(b"patient notes, not a video\n" * 40)
+        huge = np.zeros((8, 4096, 4096), np.uint8)
+        huge[:, ::64] = 200
+        (serve_dir / "huge.mp4").write_bytes(encode_mp4(huge, fps=25))
+        bad = [str(serve_dir / "notes.mp4"), str(serve_dir / "huge.mp4")]
+        status, answer = _post(url, [local[0], *bad, local[1]])
+        assert status == 200, answer
+        rows = answer["predictions"]
+        assert [r["error"] for r in (rows[0], rows[3])] == ["", ""]
+        np.testing.assert_allclose([rows[0]["probability"], rows[3]["probability"]], [expected[0], expected[1]],
+                                   rtol=0, atol=1e-6)
+        for row, uri, why in zip(rows[1:3], bad, ("not a readable video", "")):
+            assert row["call"] == "error" and row["prediction"] == -1 and row["probability"] is None, row
+            assert row["error"].startswith(f"cannot decode {uri}: ") and why in row["error"], row
+        status, answer = _post(url, [local[2]])  # and it keeps answering
+        assert status == 200 and answer["predictions"][0]["probability"] == pytest.approx(expected[2], abs=1e-6)
 
         for bad, why in (("/etc/hostname", "outside the allowed local folders"), (s3_private, "not under an allowed"),
                          (str(tmp_path / "bundle" / "weights.pt"), "outside the allowed local folders")):

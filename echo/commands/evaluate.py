@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
+from echo.data.manifest import ManifestError
 from echo.evaluation.evaluate import evaluate_model
 from echo.explain.saliency import METHODS
+from echo.serve.bundle import ALLOW_UNVERIFIED_HELP, BundleError
+from echo.serve.registry import RegistryError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,9 +24,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="decoding processes")
     p.add_argument("--saliency", type=int, default=0, metavar="N", help="saliency GIFs for N sampled studies (0: none)")
     p.add_argument("--saliency-method", default="gradcam", choices=METHODS, help="saliency method")
+    p.add_argument("--allow-unverified", action="store_true", help=ALLOW_UNVERIFIED_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
-    evaluate_model(args.model, args.manifest, args.split, args.out, args.tracking_uri, args.experiment, args.seed,
-                   args.n_resamples, args.workers, args.saliency, args.saliency_method)
+    try:
+        evaluate_model(args.model, args.manifest, args.split, args.out, args.tracking_uri, args.experiment,
+                       args.seed, args.n_resamples, args.workers, args.saliency, args.saliency_method,
+                       args.allow_unverified)
+    except (RegistryError, BundleError, ManifestError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from echo.data import storage
-from echo.serve.bundle import BundleError
+from echo.serve.bundle import ALLOW_UNVERIFIED_HELP, BundleError
 from echo.data.manifest import SPLITS, ManifestError
 from echo.serve.registry import RegistryError
 from echo.data.video import VideoDecodeError
@@ -36,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    p.add_argument("--allow-unverified", action="store_true", help=ALLOW_UNVERIFIED_HELP)
 
 
 def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         print("error: give at least one VIDEO or --manifest", file=sys.stderr)
         return 2
     try:
-        model = load_model(args.model, tracking_uri=args.tracking_uri, device=args.device)
+        model = load_model(args.model, tracking_uri=args.tracking_uri, device=args.device,
+                           allow_unverified=args.allow_unverified)
         parts = [model.predict_videos(videos)] if videos else []
         parts += [model.predict_manifest(m, split=args.split) for m in manifests]
     except (RegistryError, BundleError, ManifestError, FileNotFoundError, VideoDecodeError, ValueError) as e:

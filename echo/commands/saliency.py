@@ -8,6 +8,7 @@ import sys
 from echo.data.manifest import load_manifest
 from echo.explain.attribution import explain_videos, region_boxes, sample_studies
 from echo.explain.saliency import METHODS
+from echo.serve.bundle import ALLOW_UNVERIFIED_HELP
 from echo.serve.predict import load_model
 
 
@@ -23,13 +24,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="./saliency-out", help="output folder (local or s3://)")
     p.add_argument("--seed", type=int, default=0, help="seed of the study sample")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ and runs:/ URIs")
+    p.add_argument("--allow-unverified", action="store_true", help=ALLOW_UNVERIFIED_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
     if bool(args.videos) == bool(args.manifest):
         print("error: give either videos or --manifest", file=sys.stderr)
         return 2
-    model = load_model(args.model, tracking_uri=args.tracking_uri)
+    model = load_model(args.model, tracking_uri=args.tracking_uri, allow_unverified=args.allow_unverified)
     boxes = None
     if args.manifest:
         rows = sample_studies(load_manifest(args.manifest).split(args.split), args.limit, args.seed)

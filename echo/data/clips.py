@@ -18,6 +18,7 @@ from typing import Callable, TypeVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from echo.data.video import decode_frames
 
@@ -27,6 +28,7 @@ __all__ = [
     "eval_clip_indices",
     "minmax",
     "decode_at",
+    "resize_clips",
     "eval_clips",
 ]
 
@@ -112,12 +114,26 @@ def decode_at(data: bytes, uri: str, choose: Callable[[int], np.ndarray]) -> np.
     return frames[plan["inverse"]]
 
 
-def eval_clips(data: bytes, uri: str, clip_len: int = 16, num_clips: int = 4, stride: int = 1) -> np.ndarray:
+def resize_clips(clips: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Clips ``(K, T, H, W)`` float32 in ``[0, 1]`` resized to ``size = (H', W')`` pixels
+    (bilinear, antialiased, clamped back to ``[0, 1]``); returned as they are when already that size."""
+    k, t, h, w = clips.shape
+    if (h, w) == tuple(size):
+        return clips
+    x = torch.from_numpy(np.ascontiguousarray(clips)).reshape(k * t, 1, h, w)
+    x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True).clamp_(0.0, 1.0)
+    return x.reshape(k, t, *size).numpy()
+
+
+def eval_clips(data: bytes, uri: str, clip_len: int = 16, num_clips: int = 4, stride: int = 1,
+               frame_size: tuple[int, int] | None = None) -> np.ndarray:
     """Evaluation clips of one video from its MP4 bytes; ``(K, T, H, W)`` float32 in ``[0, 1]``.
 
     ``K = num_clips`` evenly spaced clips of ``T = clip_len`` frames (``eval_clip_indices``),
-    each min-max normalised on its own. The union of the frames the clips need is decoded
-    once. Raises ``echo.data.video.VideoDecodeError`` naming ``uri`` for an unreadable video.
+    each min-max normalised on its own, then resized to ``frame_size`` ``(H, W)`` pixels when
+    given (:func:`resize_clips`). The union of the frames the clips need is decoded once.
+    Raises ``echo.data.video.VideoDecodeError`` naming ``uri`` for an unreadable video.
     """
     clips = decode_at(data, uri, lambda n: eval_clip_indices(n, clip_len, num_clips, stride))
-    return np.stack([minmax(c) for c in clips]).astype(np.float32, copy=False)
+    out = np.stack([minmax(c) for c in clips]).astype(np.float32, copy=False)
+    return out if frame_size is None else resize_clips(out, frame_size)

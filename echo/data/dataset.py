@@ -346,7 +346,8 @@ class LabelledClipDataset(ClipDataset):
 
 
 class EvalClipDataset(ClipDataset):
-    """``num_clips`` evenly spaced clips per video (``echo.data.clips.eval_clips``), no randomness.
+    """``num_clips`` evenly spaced clips per video (``echo.data.clips.eval_clips``, resized to
+    ``frame_size`` ``(H, W)`` when given), no randomness.
 
     Sample: ``clips`` float32 ``(K, 1, T, H, W)`` in ``[0, 1]`` (each clip min-max scaled),
     ``label`` float32 scalar (NaN where unknown), ``index`` int64.
@@ -359,18 +360,20 @@ class EvalClipDataset(ClipDataset):
         num_clips: int = 4,
         stride: int = 1,
         cache_bytes: int = 0,
+        frame_size: tuple[int, int] | None = None,
     ):
         super().__init__(rows, seed=0, cache_bytes=cache_bytes)
         self.labels = _labels(rows, allow_missing=True) if "label" in rows.columns else np.full(len(rows), math.nan, np.float32)
         self.clip_len = int(clip_len)
         self.num_clips = int(num_clips)
         self.stride = int(stride)
+        self.frame_size = None if frame_size is None else (int(frame_size[0]), int(frame_size[1]))
 
     def sample(self, index: int, epoch: int) -> Sample:
         uri = self.uri(index)
         data = self.read(uri)
         try:
-            clips = eval_clips(data, uri, self.clip_len, self.num_clips, self.stride)
+            clips = eval_clips(data, uri, self.clip_len, self.num_clips, self.stride, self.frame_size)
         except VideoDecodeError as e:
             raise SampleSkipped(uri, e.reason) from None
         return {

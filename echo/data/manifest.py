@@ -16,9 +16,8 @@ import hashlib
 import io
 import math
 import os
-import secrets
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -43,7 +42,6 @@ __all__ = [
     "format_summary",
     "label_fraction_patients",
     "describe_cell",
-    "hash_ids",
 ]
 
 REQUIRED_COLUMNS = ("video_uri", "patient_id", "study_id", "split", "label")
@@ -390,12 +388,3 @@ def label_fraction_patients(train: pd.DataFrame, fraction: float, seed: int) -> 
         k = min(len(order), max(1, math.ceil(fraction * len(order))))
         chosen.extend(order[:k].tolist())
     return sorted(chosen)
-
-
-def hash_ids(ids: Iterable[str], salt: str | None = None) -> tuple[str, list[str]]:
-    """Salted SHA-256 of each ID, for recording which patients a run used without naming them.
-
-    Returns ``(salt, hashes)``; a fresh random salt is drawn when none is given.
-    """
-    salt = salt or secrets.token_hex(16)
-    return salt, [hashlib.sha256((salt + ":" + str(i)).encode()).hexdigest() for i in ids]

@@ -1,18 +1,17 @@
 """Evaluation: clip -> video -> study probabilities, metrics with 95% CIs, plots, MLflow.
 
 Each video contributes K evenly spaced clips (default 4 x 16 frames); a video's probability is
-the mean of its clips' probabilities and a study's the mean of its videos'. Metrics are at the
+the mean of its clips' probabilities (:mod:`echo.model.scoring`, the same code as
+``echo-ssl predict`` and the REST server, with a model's own preprocessing) and a study's the
+mean of its videos'. Metrics are at the
 study level (video level too, prefixed ``video_``). Thresholds are chosen on the validation
 split (Youden's J, and the one giving 90% sensitivity) and applied to the test split.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import os
-import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +24,14 @@ import torch.distributed as dist
 
 from echo import tracking
 from echo.data.dataset import EvalClipDataset
+from echo.data.ids import pseudonyms
 from echo.data.loader import VideoLoader
 from echo.data.manifest import load_manifest
 from echo.evaluation import metrics as M
 from echo.evaluation import plots
 from echo.explain.attribution import explain_videos, region_boxes, sample_studies
+from echo.model.preprocessing import Preprocessing
+from echo.model.scoring import clip_logits, video_probabilities
 from echo.serve.predict import load_model
 
 __all__ = [
@@ -56,9 +58,9 @@ class Thresholds:
     sens90: float
 
 
-def _eval_batches(rows: pd.DataFrame, clip_len: int, num_clips: int, stride: int, batch_size: int, workers: int,
-                  rank: int, world_size: int):
-    dataset = EvalClipDataset(rows, clip_len=clip_len, num_clips=num_clips, stride=stride)
+def _eval_batches(rows: pd.DataFrame, pre: Preprocessing, batch_size: int, workers: int, rank: int, world_size: int):
+    dataset = EvalClipDataset(rows, clip_len=pre.clip_len, num_clips=pre.num_clips, stride=pre.stride,
+                              frame_size=pre.frame_size)
     # Evaluation must see every video: no skip budget beyond the whole split, no drop_last.
     loader = VideoLoader(dataset, batch_size=batch_size, num_workers=workers, rank=rank, world_size=world_size,
                          seed=0, drop_last=False, max_skipped_fraction=1.0)
@@ -76,13 +78,10 @@ def _gather(frames: list[pd.DataFrame], world_size: int) -> pd.DataFrame:
     return local
 
 
-@torch.no_grad()
 def predict_videos(
     model: torch.nn.Module,
     rows: pd.DataFrame,
-    clip_len: int = 16,
-    num_clips: int = 4,
-    stride: int = 1,
+    pre: Preprocessing,
     device: torch.device | None = None,
     batch_size: int = 8,
     workers: int = 0,
@@ -91,27 +90,26 @@ def predict_videos(
 ) -> pd.DataFrame:
     """Video-level probabilities for ``rows`` (manifest rows), gathered from all ranks.
 
-    ``model`` maps clips ``(N, 1, T, H, W)`` in [0, 1] to logits ``(N,)``. Returns one row per
-    decoded video with the manifest columns ``video_uri, study_id, label`` and ``logit`` (mean
-    clip logit) and ``probability`` (mean clip probability), in manifest order. Videos that
-    cannot be decoded are logged and left out.
+    ``model`` maps clips ``(N, 1, T, H, W)`` in [0, 1] to logits ``(N,)``; ``pre`` says how videos
+    become clips (a model's own preprocessing, e.g. ``EchoModel.preprocessing``). Returns one row
+    per decoded video with the manifest columns ``video_uri, study_id, label`` and ``logit``
+    (mean clip logit) and ``probability`` (``echo.model.scoring.video_probabilities``), in
+    manifest order. Videos that cannot be decoded are logged and left out.
     """
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     frames = []
     skipped: list[tuple[str, str]] = []
-    for batch in _eval_batches(rows, clip_len, num_clips, stride, batch_size, workers, rank, world_size):
+    for batch in _eval_batches(rows, pre, batch_size, workers, rank, world_size):
         skipped.extend(batch.get("skipped", []))
-        clips = batch["clips"].to(device)  # (B, K, 1, T, H, W)
-        b, k = clips.shape[:2]
-        logits = model(clips.flatten(0, 1)).float().view(b, k)
+        logits = clip_logits(model, batch["clips"], device)  # (B, K)
         frames.append(
             pd.DataFrame(
                 {
                     "position": batch["index"].numpy(),
-                    "logit": logits.mean(1).cpu().numpy(),
-                    "probability": torch.sigmoid(logits).mean(1).cpu().numpy(),
+                    "logit": logits.double().mean(1).numpy(),
+                    "probability": video_probabilities(logits).numpy(),
                 }
             )
         )
@@ -144,7 +142,7 @@ def embed_videos(model: torch.nn.Module, rows: pd.DataFrame, clip_len: int, devi
     was_training = model.training
     model.eval()
     feats: dict[int, np.ndarray] = {}
-    for batch in _eval_batches(rows, clip_len, 1, 1, batch_size, 0, 0, 1):
+    for batch in _eval_batches(rows, Preprocessing(clip_len, 1, 1), batch_size, 0, 0, 1):
         for uri, reason in batch.get("skipped", []):
             log.warning("embedding skipped %s: %s", uri, reason)
         out = model(batch["clips"][:, 0].to(device))["features"].float().cpu().numpy()
@@ -191,22 +189,18 @@ def summary_line(report: dict[str, float], prefix: str = "test") -> str:
     )
 
 
-def _hashed(ids: np.ndarray) -> list[str]:
-    """Study IDs as keyed hashes: HMAC with ``ECHO_SSL_ID_KEY`` when set, else a random key
-    that is never stored (rows stay joinable within the file, not linkable to the patient)."""
-    key = os.environ.get("ECHO_SSL_ID_KEY", "").encode() or secrets.token_bytes(32)
-    return [hmac.new(key, str(i).encode(), hashlib.sha256).hexdigest()[:24] for i in ids]
-
-
 def write_evaluation(videos: pd.DataFrame, val_videos: pd.DataFrame | None, thresholds: Thresholds,
                      report: dict[str, float], out_dir: str | os.PathLike, prefix: str = "test",
                      seed: int = 0, n_resamples: int = 2000) -> list[Path]:
-    """Write the predictions CSVs (hashed study IDs) and the ROC, PR and calibration plots."""
+    """Write the predictions CSVs (study IDs as ``echo.data.ids.pseudonyms``: keyed by
+    ``$ECHO_SSL_ID_KEY`` when set, else by a key that is never stored) and the ROC, PR and
+    calibration plots."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     studies = study_predictions(videos)
-    study_csv = studies.assign(study_id=_hashed(studies["study_id"].to_numpy()))
-    video_csv = videos.drop(columns=["study_id"]).assign(study=_hashed(videos["study_id"].to_numpy()))
+    names = dict(zip(studies["study_id"], pseudonyms(studies["study_id"], "study")))  # one key for both files
+    study_csv = studies.assign(study_id=studies["study_id"].map(names))
+    video_csv = videos.drop(columns=["study_id"]).assign(study=videos["study_id"].map(names))
     paths = [out / f"{prefix}_study_predictions.csv", out / f"{prefix}_video_predictions.csv"]
     study_csv.to_csv(paths[0], index=False)
     video_csv.to_csv(paths[1], index=False)
@@ -244,8 +238,13 @@ def evaluate_model(
     workers: int = 1,
     saliency: int = 0,
     saliency_method: str = "gradcam",
+    allow_unverified: bool = False,
 ) -> dict[str, float]:
     """Evaluate a registered, logged or pulled model on one split of a manifest.
+
+    The model is loaded and verified as by ``echo.load_model`` (``allow_unverified`` accepts a
+    model without recorded digests, logged and recorded in the run's params) and scores
+    videos exactly as ``echo-ssl predict`` does (its own preprocessing, frame size included).
 
     Thresholds are chosen on the manifest's validation split when it has both classes, else
     the model's stored ones are used. Writes predictions and plots under ``out_dir``, logs
@@ -254,19 +253,19 @@ def evaluate_model(
     valve-energy share against the area baseline.
     """
     manifest = load_manifest(manifest_uri)
-    model = load_model(model_uri, tracking_uri=tracking_uri)
+    model = load_model(model_uri, tracking_uri=tracking_uri, allow_unverified=allow_unverified)
     meta = model.meta
 
     def videos_of(name: str) -> pd.DataFrame:
-        return predict_videos(model.model, manifest.split(name), model.clip_len, model.num_clips, model.stride,
-                              model.device, batch_size=8, workers=workers)
+        return predict_videos(model.model, manifest.split(name), model.preprocessing, model.device, batch_size=8,
+                              workers=workers)
 
     val = manifest.split("val")
     if split != "val" and len(val) and val["label"].nunique() == 2:
         thresholds = choose_thresholds(study_predictions(videos_of("val")))
         source = "val split of this manifest"
     else:
-        thresholds = Thresholds(float(meta["threshold"]), float(meta.get("threshold_sens90") or meta["threshold"]))
+        thresholds = Thresholds(meta.threshold, meta.threshold_sens90 if meta.threshold_sens90 is not None else meta.threshold)
         source = "stored with the model"
     videos = videos_of(split)
     report = split_report(videos, thresholds, seed, n_resamples, prefix=split)
@@ -276,7 +275,9 @@ def evaluate_model(
                                  tags={"echo.job": "evaluate", "echo.manifest_sha256": manifest.sha256})
     tracking.log_params(uri, run_id, {"model": model_uri, "manifest": manifest_uri, "split": split, "seed": seed,
                                       "n_resamples": n_resamples, "threshold_source": source,
-                                      "model_weights_sha256": meta.get("weights_sha256")})
+                                      "model_weights_sha256": meta.weights_sha256,
+                                      "model_bundle_digest": (meta.registry or {}).get("bundle_digest") or "unverified",
+                                      "allow_unverified": allow_unverified})
     if saliency > 0:
         picked = sample_studies(manifest.split(split), saliency, seed)
         has_boxes = "valve_x0" in picked.columns

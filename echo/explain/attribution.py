@@ -63,8 +63,9 @@ def explain_videos(
 ) -> pd.DataFrame:
     """Write ``<hash>.gif`` and ``<hash>_strip.png`` per video under ``out_dir``.
 
-    ``model`` is an ``echo.serve.predict.EchoModel``. Returns one row per video: ``video_uri``,
-    ``gif``, ``strip``, ``probability`` and, with ``boxes`` (video pixels), ``region_share``
+    ``model`` is an ``echo.serve.predict.EchoModel`` (clips and probability as
+    ``echo.model.scoring`` makes them). Returns one row per video: ``video_uri``, ``gif``,
+    ``strip``, ``probability`` and, with ``boxes`` (video pixels), ``region_share``
     (saliency energy inside the box) and ``area_share`` (the uniform-map baseline).
     """
 
@@ -74,17 +75,16 @@ def explain_videos(
         clips = model.clips(data, uri)  # (K, 1, T, H, W)
         clip = clips[0]
         sal = saliency_map(model.model, clip.to(model.device), method)
-        with torch.no_grad():
-            prob = float(torch.sigmoid(model.model(clips.to(model.device))).mean())
+        prob = model.clips_probability(clips)
         base = storage.join(out_dir, _name(uri))
         frames = clip[0].numpy()
         rec = {"video_uri": uri, "gif": write_gif(frames, sal, base + ".gif"),
                "strip": write_strip(frames, sal, base + "_strip.png"), "probability": prob}
         if boxes is not None:
             info = probe(data, uri)
-            box = scale_box(boxes[i], (info.height, info.width), model.frame_size)
+            box = scale_box(boxes[i], (info.height, info.width), model.preprocessing.frame_size)
             rec["region_share"] = region_energy_share(sal, box)
-            rec["area_share"] = area_share(box, *model.frame_size)
+            rec["area_share"] = area_share(box, *model.preprocessing.frame_size)
         records.append(rec)
     if out_dir and not storage.is_s3(out_dir):
         Path(out_dir).mkdir(parents=True, exist_ok=True)

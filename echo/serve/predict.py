@@ -1,18 +1,17 @@
 """Prediction with a registered or pulled model: per-video and per-study probabilities.
 
-A video's probability of severe aortic stenosis is the mean over ``num_clips`` evaluation
-clips (``echo.data.clips.eval_clips``: evenly spaced ``clip_len``-frame clips, each min-max scaled
-to [0, 1]) of the sigmoid of the classifier's logit; frames of another size than the
-bundle's ``frame_size`` are resized (bilinear, antialiased) first. A study's probability is
-the mean over its videos. The call is severe (``prediction`` 1) when the probability is at
-least the threshold stored in the bundle (chosen on validation).
+A video's probability of severe aortic stenosis is computed by :mod:`echo.model.scoring`
+with the bundle's preprocessing (the same code as ``echo-ssl evaluate`` and the REST server).
+A study's probability is the mean over its videos. The call is severe (``prediction`` 1) when
+the probability is at least the threshold stored in the bundle (chosen on validation).
 
-Outputs never carry patient or study identifiers: studies are named by a salted hash drawn
-afresh for each call, which groups the rows of one output and links to nothing else.
+Outputs never carry patient or study identifiers: studies are named by keyed hashes
+(``echo.data.ids.pseudonyms``), which group the rows of one output.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,17 +19,17 @@ import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from echo.data import storage
-from echo.data.clips import eval_clips
-from echo.data.manifest import SPLITS, hash_ids, load_manifest
+from echo.data.ids import pseudonyms
+from echo.data.manifest import SPLITS, load_manifest
 from echo.model.networks import ASClassifier
-from echo.serve.bundle import load_bundle
+from echo.model.scoring import clip_logits, video_clips, video_probabilities
+from echo.serve.bundle import BundleMeta, load_bundle
 from echo.serve.registry import REGISTRY_INFO_FILE, pull
 
 __all__ = ["SEVERE", "NOT_SEVERE", "EchoModel", "load_model", "study_table"]
@@ -39,7 +38,6 @@ log = logging.getLogger(__name__)
 
 SEVERE = "severe"
 NOT_SEVERE = "not severe"
-_STUDY_KEY_CHARS = 16
 _READ_AHEAD = 4  # videos fetched from storage ahead of the one being scored
 
 
@@ -52,47 +50,36 @@ class EchoModel:
 
     Args:
         model: the :class:`~echo.model.networks.ASClassifier` (weights loaded).
-        meta: the bundle's ``model.json`` (plus ``registry`` when pulled from a registry).
+        meta: the bundle's metadata (``meta.registry`` set when pulled from a registry).
         source: where it came from (a URI or folder), for messages.
         device: ``"cpu"``, ``"cuda"``...; default CUDA when available, else CPU.
     """
 
-    def __init__(self, model: ASClassifier, meta: Mapping[str, Any], source: str, device: str | None = None) -> None:
-        self.meta = dict(meta)
+    def __init__(self, model: ASClassifier, meta: BundleMeta, source: str, device: str | None = None) -> None:
+        self.meta = meta
         self.source = source
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
-        self.threshold = float(meta["threshold"])
-        self.clip_len = int(meta["clip_len"])
-        self.num_clips = int(meta["num_clips"])
-        self.stride = int(meta["stride"])
-        self.frame_size = (int(meta["frame_size"][0]), int(meta["frame_size"][1]))
+        self.threshold = meta.threshold
+        self.preprocessing = meta.preprocessing
 
     def info(self) -> dict[str, Any]:
-        """A JSON-ready description: source, registry version, threshold, AUROC, data hash."""
-        keys = ("backbone", "label_fraction", "init", "threshold", "val_auroc", "test_auroc", "test_auroc_ci_low",
-                "test_auroc_ci_high", "manifest_sha256", "weights_sha256", "code_version")
-        out = {"source": self.source, **{k: self.meta.get(k) for k in keys}}
-        if self.meta.get("registry"):
-            out["registry"] = self.meta["registry"]
-        return out
+        """A JSON-ready description: source, registry version, threshold, AUROC, digests."""
+        return {"source": self.source, **self.meta.describe()}
 
     def clips(self, data: bytes, uri: str) -> torch.Tensor:
-        """MP4 bytes of one video -> its evaluation clips ``(K, 1, T, H, W)`` float32 in [0, 1]
-        (K = num_clips, T = clip_len, (H, W) = frame_size)."""
-        x = torch.from_numpy(eval_clips(data, uri, self.clip_len, self.num_clips, self.stride))
-        k, t, h, w = x.shape
-        if (h, w) != self.frame_size:
-            x = F.interpolate(x.reshape(k * t, 1, h, w), size=self.frame_size, mode="bilinear",
-                              align_corners=False, antialias=True).clamp_(0.0, 1.0)
-            x = x.reshape(k, t, *self.frame_size)
-        return x.unsqueeze(1)
+        """MP4 bytes of one video -> its clips ``(K, 1, T, H, W)`` float32 in [0, 1]
+        (``echo.model.scoring.video_clips``)."""
+        return video_clips(self.preprocessing, data, uri)
+
+    def clips_probability(self, clips: torch.Tensor) -> float:
+        """Probability of severe aortic stenosis of one video from its clips ``(K, 1, T, H, W)``:
+        the mean over clips of the sigmoid of the logit, in float64 (``echo.model.scoring``)."""
+        return float(video_probabilities(clip_logits(self.model, clips, self.device)))
 
     def probability(self, data: bytes, uri: str) -> float:
-        """Probability of severe aortic stenosis for one video (mean over its clips)."""
-        with torch.inference_mode():
-            logits = self.model(self.clips(data, uri).to(self.device))
-            return float(torch.sigmoid(logits.double()).mean())
+        """Probability of severe aortic stenosis for one video's MP4 bytes."""
+        return self.clips_probability(self.clips(data, uri))
 
     def _videos(self, uris: Sequence[str]) -> Iterator[tuple[str, bytes]]:
         """``(uri, bytes)`` in order, fetched a few ahead in threads; decoding stays in this thread."""
@@ -117,7 +104,10 @@ class EchoModel:
         Raises ``FileNotFoundError`` or ``echo.data.video.VideoDecodeError`` naming the video.
         """
         uris = [str(u) for u in uris]
-        probs = [self.probability(data, uri) for uri, data in self._videos(uris)]
+        return self.table(uris, [self.probability(data, uri) for uri, data in self._videos(uris)])
+
+    def table(self, uris: Sequence[str], probs: Sequence[float]) -> pd.DataFrame:
+        """The :meth:`predict_videos` table of already scored videos: calls at the stored threshold."""
         preds = [int(p >= self.threshold) for p in probs]
         return pd.DataFrame(
             {
@@ -131,8 +121,8 @@ class EchoModel:
     def predict_manifest(self, manifest_uri: str, split: str | None = None) -> pd.DataFrame:
         """Predictions for the videos of a manifest (one split, or all rows).
 
-        Columns: ``video_uri``, ``split``, ``label``, ``study`` (a salted hash of the study ID,
-        fresh per call), ``probability``, ``prediction``, ``call``, and the study's
+        Columns: ``video_uri``, ``split``, ``label``, ``study`` (``echo.data.ids.pseudonyms`` of
+        the study ID: keyed by ``$ECHO_SSL_ID_KEY`` when set, else fresh per call), ``probability``, ``prediction``, ``call``, and the study's
         ``study_probability`` (mean over its videos), ``study_prediction`` and ``study_call``.
         """
         if split is not None and split not in SPLITS:
@@ -142,10 +132,9 @@ class EchoModel:
         if rows.empty:
             raise ValueError(f"manifest {manifest_uri} has no rows in split {split!r}")
         out = self.predict_videos(rows["video_uri"].tolist())
-        _, hashes = hash_ids(rows["study_id"].astype(str))
         out.insert(1, "split", rows["split"].to_numpy())
         out.insert(2, "label", rows["label"].to_numpy(dtype="float64"))
-        out.insert(3, "study", [h[:_STUDY_KEY_CHARS] for h in hashes])
+        out.insert(3, "study", pseudonyms(rows["study_id"], "study"))
         study_prob = out.groupby("study", sort=False)["probability"].transform("mean")
         out["study_probability"] = study_prob
         out["study_prediction"] = (study_prob >= self.threshold).astype("int64")
@@ -170,27 +159,28 @@ def study_table(predictions: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def load_model(uri: str, tracking_uri: str | None = None, device: str | None = None) -> EchoModel:
+def load_model(uri: str, tracking_uri: str | None = None, device: str | None = None,
+               allow_unverified: bool = False) -> EchoModel:
     """Load a model without running registry code.
 
     ``uri``: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/<model id>``,
     ``runs:/RUN_ID[/model]`` (downloaded from the tracking server or store, default
     ``$MLFLOW_TRACKING_URI`` else ``sqlite:///mlflow.db`` in the working folder), or a local
-    bundle folder (e.g. from ``echo-ssl models pull``). Only ``model.json`` and ``weights.pt``
-    are read; the weights' SHA-256 is checked and they are loaded with
-    ``torch.load(weights_only=True)`` into :class:`~echo.model.networks.ASClassifier`.
+    bundle folder (e.g. from ``echo-ssl models pull``). Only the bundle files are read and
+    verified (the registry's bundle digest for URIs, ``digests.json`` for folders; see
+    :func:`echo.serve.registry.pull`); a model without digests is refused unless
+    ``allow_unverified``. The weights are loaded with ``torch.load(weights_only=True)`` into
+    :class:`~echo.model.networks.ASClassifier`.
     """
     if os.path.isdir(uri):
-        model, meta = load_bundle(uri)
+        model, meta = load_bundle(uri, allow_unverified=allow_unverified)
         info = Path(uri) / REGISTRY_INFO_FILE
         if info.is_file():
-            meta["registry"] = json.loads(info.read_text())
+            meta = dataclasses.replace(meta, registry=json.loads(info.read_text()))
         return EchoModel(model, meta, source=uri, device=device)
     if "://" not in uri and ":/" not in uri:
         raise FileNotFoundError(f"no bundle folder at {uri} (expected a folder holding model.json and weights.pt, or a models:/ or runs:/ URI)")
     with tempfile.TemporaryDirectory(prefix="echo-model-") as tmp:
-        _, pulled = pull(uri, tmp, tracking_uri)
-        model, meta = load_bundle(tmp)
-    meta["registry"] = pulled["registry"]
-    return EchoModel(model, meta, source=uri, device=device)
-
+        _, pulled = pull(uri, tmp, tracking_uri, allow_unverified=allow_unverified)
+        model, meta = load_bundle(tmp, allow_unverified=allow_unverified)
+    return EchoModel(model, dataclasses.replace(meta, registry=pulled.registry), source=uri, device=device)

@@ -1,11 +1,18 @@
 """The MLflow model registry: log a bundle, register it, move the ``champion`` alias, pull it back.
 
 Layout: :func:`echo.serve.pyfunc.log_model_bundle` logs one MLflow model named ``model`` under
-the active run. It is a pyfunc (for ``mlflow models serve``) whose artifacts hold the raw bundle (``artifacts/bundle/model.json`` and ``weights.pt``, see :mod:`echo.serve.bundle`).
-:func:`pull` downloads only those two files and checks the weights' SHA-256 against
-``model.json`` and against the version's ``weights_sha256`` tag: it never loads the pyfunc,
-so no code from the registry runs. The pyfunc flavour does run code when loaded (shipped
-``echo`` sources, a models-from-code entry file): serve it from trusted registries only.
+the active run. It is a pyfunc (for ``mlflow models serve``) whose artifacts hold the raw bundle
+(``artifacts/bundle/``: ``model.json``, ``weights.pt``, ``digests.json``, see
+:mod:`echo.serve.bundle`) and ``artifacts/model_files.json``, the SHA-256 of every file
+echo-ssl wrote into the model (bundle, entry file, shipped code). That listing's digest is
+recorded as the run tag ``echo.bundle_digest`` and, on registration, as the version tag
+``bundle_digest`` (:mod:`echo.serve.digest`). :func:`pull` downloads the logged model, checks
+the listing against the recorded digest and every file (shipped code included) against the
+listing, refuses a mismatch naming the file, and keeps only the bundle; a model without a
+recorded digest is refused unless ``allow_unverified``. It never loads the pyfunc, so no code
+from the registry runs. The pyfunc flavour does run code when loaded (shipped ``echo``
+sources, a models-from-code entry file): it checks the same digests first, but serve it from
+trusted registries only.
 
 Champion policy: :func:`register` creates a version tagged with the training record, then
 moves the ``champion`` alias to it only when its test AUROC beats the current champion's on
@@ -17,6 +24,7 @@ experiment, which :func:`history` lists.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -29,7 +37,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from echo import tracking
-from echo.serve.bundle import BUNDLE_FILES, BundleIntegrityError, verify_bundle
+from echo.serve.bundle import BUNDLE_FILES, BundleMeta, verify_bundle
+from echo.serve.digest import RUN_TAG, VERSION_TAG, verify_model_files
 
 __all__ = [
     "DEFAULT_NAME",
@@ -38,7 +47,6 @@ __all__ = [
     "CHAMPION",
     "HISTORY_EXPERIMENT",
     "REGISTRY_INFO_FILE",
-    "VERSION_TAG_KEYS",
     "RegistryError",
     "ModelRef",
     "AliasMove",
@@ -59,29 +67,6 @@ BUNDLE_PATH = "artifacts/bundle"  # the raw bundle, relative to the logged model
 CHAMPION = "champion"
 HISTORY_EXPERIMENT = "echo-ssl-registry"
 REGISTRY_INFO_FILE = "registry.json"  # provenance written next to a pulled bundle
-# model.json keys copied to version tags.
-VERSION_TAG_KEYS = (
-    "label_fraction",
-    "init",
-    "pretrain_run_id",
-    "backbone",
-    "clip_len",
-    "num_clips",
-    "stride",
-    "frame_size",
-    "normalization",
-    "threshold",
-    "threshold_sens90",
-    "val_auroc",
-    "test_auroc",
-    "test_auroc_ci_low",
-    "test_auroc_ci_high",
-    "n_train_studies",
-    "manifest_sha256",
-    "code_version",
-    "weights_sha256",
-    "preprocessing_version",
-)
 _TAG_PREFIX = "echo.serve.registry."
 _NAME_OK = re.compile(r"^[\w.\-]+$")
 _URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, models:/<model id>, runs:/RUN_ID[/model]"
@@ -149,10 +134,6 @@ def _check_alias(alias: str) -> None:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _tag_value(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
 def _float(value: Any) -> float:
@@ -228,41 +209,39 @@ def resolve(uri: str, tracking_uri: str | None = None) -> ModelRef:
     )
 
 
-def _download_bundle(ref: ModelRef, dest: Path, tracking_uri: str) -> dict[str, Any]:
-    """Download the two bundle files of ``ref`` into ``dest`` and verify them; return model.json."""
-    import mlflow
+def recorded_digest(ref: ModelRef, tracking_uri: str) -> str | None:
+    """The bundle digest recorded in MLflow for ``ref``: the version tag ``bundle_digest`` of a
+    registered version, else the run tag ``echo.bundle_digest`` of the run that logged it."""
+    if ref.version is not None:
+        return ref.tags.get(VERSION_TAG) or None
+    if ref.run_id is None:
+        return None
+    return _client(tracking_uri).get_run(ref.run_id).data.tags.get(RUN_TAG) or None
 
-    for name in BUNDLE_FILES:
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{ref.artifact_root.rstrip('/')}/{BUNDLE_PATH}/{name}",
-            dst_path=str(dest),
-            tracking_uri=tracking_uri,
-            registry_uri=tracking_uri,
-        )
-    try:
-        meta = verify_bundle(dest)
-    except BundleIntegrityError as e:
-        raise BundleIntegrityError(f"{ref.uri}: {e}") from None
-    expected = ref.tags.get("weights_sha256")
-    if expected and expected != meta["weights_sha256"]:
-        raise BundleIntegrityError(
-            f"{ref.uri}: the bundle's weights_sha256 {meta['weights_sha256']} differs from the "
-            f"{expected} registered for version {ref.version}; refusing it"
-        )
-    return meta
+
+def _download_bundle(ref: ModelRef, dest: Path, tracking_uri: str,
+                     allow_unverified: bool = False) -> tuple[Path, BundleMeta, str | None]:
+    """Download the logged model of ``ref`` into ``dest`` and verify it; return its bundle folder
+    (inside ``dest``), the bundle's metadata and the bundle digest it was verified against
+    (``None`` when unverified).
+
+    Every file echo-ssl wrote into the model (bundle, entry file, shipped code) is checked
+    against the listing whose digest is recorded in MLflow (:func:`recorded_digest`,
+    :func:`~echo.serve.digest.verify_model_files`); nothing downloaded is executed or
+    unpickled. A model without a recorded digest is refused unless ``allow_unverified``
+    (logged).
+    """
+    import mlflow  # here, not at the top: mlflow's artifact client is needed only to download
+
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.artifact_root, dst_path=str(dest),
+                                                    tracking_uri=tracking_uri, registry_uri=tracking_uri))
+    digest = recorded_digest(ref, tracking_uri)
+    verified = verify_model_files(root, digest, ref.uri, allow_unverified)
+    bundle_dir = root / BUNDLE_PATH
+    return bundle_dir, verify_bundle(bundle_dir, allow_unverified=not verified), digest if verified else None
 
 
 # --------------------------------------------------------------------------- registering
-
-
-def _version_tags(meta: Mapping[str, Any], run_id: str | None) -> dict[str, str]:
-    tags = {k: _tag_value(meta[k]) for k in VERSION_TAG_KEYS if meta.get(k) is not None}
-    low, high, auc = (_float(meta.get(k)) for k in ("test_auroc_ci_low", "test_auroc_ci_high", "test_auroc"))
-    if not math.isnan(auc):
-        tags["test_auroc_with_ci"] = f"{auc:.3f} (95% CI {low:.3f}-{high:.3f})"
-    if run_id:
-        tags["source_run_id"] = run_id
-    return tags
 
 
 def _ensure_registered_model(client, name: str) -> None:
@@ -345,11 +324,13 @@ def register(run_or_model_uri: str, name: str = DEFAULT_NAME, tracking_uri: str 
     """Register the bundle model of a run as a new version of ``name``; return the version.
 
     ``run_or_model_uri``: ``runs:/RUN_ID`` (the run's ``model``), ``runs:/RUN_ID/model`` or
-    ``models:/<model id>``. The bundle is downloaded and verified first. The version is tagged
-    with the training record (:data:`VERSION_TAG_KEYS`), and ``champion`` moves to it when its
-    test AUROC beats the champion's on the same test manifest; the decision is stored in the
-    version tag ``champion_decision``. The champion check and the move are not one transaction:
-    register versions of one model from one process at a time (as the Tune search does).
+    ``models:/<model id>``. The model is downloaded and verified against the run's recorded
+    digest first. The version is tagged with the training record
+    (:meth:`~echo.serve.bundle.BundleMeta.version_tags`) and the bundle digest, and
+    ``champion`` moves to it when its test AUROC beats the champion's on the same test
+    manifest; the decision is stored in the version tag ``champion_decision``. The champion
+    check and the move are not one transaction: register versions of one model from one
+    process at a time (as the Tune search does).
     """
     _check_name(name)
     tracking_uri = tracking.resolve_tracking_uri(tracking_uri)
@@ -360,10 +341,12 @@ def register(run_or_model_uri: str, name: str = DEFAULT_NAME, tracking_uri: str 
         )
     ref = resolve(run_or_model_uri, tracking_uri)
     with tempfile.TemporaryDirectory(prefix="echo-register-") as tmp:
-        meta = _download_bundle(ref, Path(tmp), tracking_uri)
+        _, meta, digest = _download_bundle(ref, Path(tmp), tracking_uri)
     client = _client(tracking_uri)
     _ensure_registered_model(client, name)
-    tags = _version_tags(meta, ref.run_id)
+    tags = {**meta.version_tags(), VERSION_TAG: digest}
+    if ref.run_id:
+        tags["source_run_id"] = ref.run_id
     mv = client.create_model_version(
         name, source=f"models:/{ref.model_id}", run_id=ref.run_id, tags=tags, model_id=ref.model_id
     )
@@ -447,48 +430,55 @@ def version_info(name: str, version: str | int, tracking_uri: str | None = None)
 # --------------------------------------------------------------------------- pulling
 
 
-def pull(models_uri: str, out_dir: str, tracking_uri: str | None = None) -> tuple[str, dict[str, Any]]:
-    """Download a model's raw bundle (``model.json``, ``weights.pt``) into ``out_dir`` and verify it.
+def pull(models_uri: str, out_dir: str, tracking_uri: str | None = None,
+         allow_unverified: bool = False) -> tuple[str, BundleMeta]:
+    """Download a model's raw bundle (``model.json``, ``weights.pt``, ``digests.json``) into
+    ``out_dir`` and verify it.
 
-    Nothing else of the model is downloaded and nothing is unpickled. The files are checked
-    (SHA-256 of the weights against ``model.json``, and against the version's
-    ``weights_sha256`` tag for registered versions) before they are moved into ``out_dir``;
-    a bundle that fails is refused with :class:`~echo.serve.bundle.BundleIntegrityError` and
-    leaves no weights behind. ``registry.json`` (where it came from) is written next to them.
+    Nothing is executed or unpickled. Every file of the logged model is checked against the
+    bundle digest recorded in MLflow (see :func:`_download_bundle`) before the bundle files are
+    moved into ``out_dir``; a model that fails is refused with
+    :class:`~echo.serve.digest.BundleIntegrityError` naming the file and leaves no weights
+    behind. ``registry.json`` (where it came from, and the digest) is written next to them.
 
-    Returns ``(out_dir, meta)``: ``meta`` is ``model.json`` plus ``meta["registry"]``
-    (URI, name, version, aliases, run and model IDs).
+    Returns ``(out_dir, meta)``; ``meta.registry`` holds the URI, name, version, aliases, run
+    and model IDs and the bundle digest.
     """
     tracking_uri = tracking.resolve_tracking_uri(tracking_uri)
     ref = resolve(models_uri, tracking_uri)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".pull-", dir=out) as tmp:
-        meta = _download_bundle(ref, Path(tmp), tracking_uri)
+        bundle_dir, meta, digest = _download_bundle(ref, Path(tmp), tracking_uri, allow_unverified)
         for name in BUNDLE_FILES:
-            os.replace(Path(tmp) / name, out / name)
-    info = {**ref.describe(), "pulled_at": _now()}
+            if (bundle_dir / name).is_file():
+                os.replace(bundle_dir / name, out / name)
+    info = {**ref.describe(), "bundle_digest": digest, "pulled_at": _now()}
     (out / REGISTRY_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    return str(out), {**meta, "registry": info}
+    return str(out), dataclasses.replace(meta, registry=info)
 
 
-def format_summary(meta: Mapping[str, Any]) -> str:
+def format_summary(meta: BundleMeta) -> str:
     """Human-readable lines about a pulled or loaded bundle: version, AUROC with CI, data hash."""
-    reg = meta.get("registry") or {}
+    reg = meta.registry or {}
     if reg.get("name"):
         aliases = f" (aliases: {', '.join(reg['aliases'])})" if reg.get("aliases") else ""
         where = f"{reg['name']} version {reg['version']}{aliases}"
     else:
         where = reg.get("uri") or "local bundle"
-    auc, low, high = (_float(meta.get(k)) for k in ("test_auroc", "test_auroc_ci_low", "test_auroc_ci_high"))
+    auc, low, high, val = (_float(v) for v in (meta.test_auroc, meta.test_auroc_ci_low, meta.test_auroc_ci_high,
+                                               meta.val_auroc))
+    pre = meta.preprocessing
+    size = f"{pre.frame_size[0]}x{pre.frame_size[1]}" if pre.frame_size else "as decoded"
+    digest = reg.get("bundle_digest")
     lines = [
         f"model: {where}",
-        f"  backbone {meta['model'].get('backbone')}, init {meta.get('init')}, label fraction {meta.get('label_fraction')}, "
-        f"{meta.get('n_train_studies')} training studies",
-        f"  test AUROC {auc:.3f} (95% CI {low:.3f}-{high:.3f}), validation AUROC {_float(meta.get('val_auroc')):.3f}",
-        f"  training data: manifest sha256 {meta.get('manifest_sha256')}",
-        f"  threshold {meta['threshold']:.4f} (validation), clips {meta['num_clips']} x {meta['clip_len']} frames, "
-        f"frame size {meta['frame_size'][0]}x{meta['frame_size'][1]}",
-        f"  weights sha256 {meta['weights_sha256']} (verified), code {meta.get('code_version')}",
+        f"  backbone {meta.backbone}, init {meta.init}, label fraction {meta.label_fraction}, "
+        f"{meta.n_train_studies} training studies",
+        f"  test AUROC {auc:.3f} (95% CI {low:.3f}-{high:.3f}), validation AUROC {val:.3f}",
+        f"  training data: manifest sha256 {meta.manifest_sha256}",
+        f"  threshold {meta.threshold:.4f} (validation), clips {pre.num_clips} x {pre.clip_len} frames, frame size {size}",
+        f"  weights sha256 {meta.weights_sha256} (verified), code {meta.code_version}",
+        f"  bundle digest {digest} (verified)" if digest else "  bundle digest: none recorded (UNVERIFIED)",
     ]
     return "\n".join(lines)

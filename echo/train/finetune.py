@@ -36,7 +36,8 @@ from echo.evaluation.evaluate import (choose_thresholds, log_evaluation, predict
                                       study_predictions, summary_line, write_evaluation)
 from echo.evaluation.metrics import MIN_CASES_PER_CLASS, auroc
 from echo.model.networks import ASClassifier
-from echo.serve.bundle import save_bundle
+from echo.model.preprocessing import Preprocessing
+from echo.serve.bundle import BundleMeta, save_bundle
 from echo.train.checkpoint import load_state, resume_state, training_state
 from echo.train.distributed import all_reduce_sum, lockstep
 from echo.train.launch import RayOptions, fit_tracked, open_tracked_run
@@ -156,8 +157,9 @@ def _build_model(cfg: FinetuneConfig, tracking_uri: str | None):
 
 
 def _validate(model, val: pd.DataFrame, cfg: FinetuneConfig, session: Session) -> dict[str, float]:
-    videos = predict_videos(model, val, cfg.clip_len, cfg.val_clips, cfg.stride, session.device, batch_size=8,
-                            workers=min(cfg.loader_workers, 1), rank=session.rank, world_size=session.world_size)
+    pre = Preprocessing(cfg.clip_len, cfg.val_clips, cfg.stride)
+    videos = predict_videos(model, val, pre, session.device, batch_size=8, workers=min(cfg.loader_workers, 1),
+                            rank=session.rank, world_size=session.world_size)
     studies = study_predictions(videos)
     p = studies["probability"].clip(1e-6, 1 - 1e-6).to_numpy()
     y = studies["label"].to_numpy()
@@ -319,10 +321,14 @@ def _finalize_in(folder: Path, model, cfg: FinetuneConfig, run: RunState, manife
 
     tracking_uri = run.tracking_uri
     model = model.to(device).eval()
+    # The bundle's preprocessing (frame size: the first validation video's), used for the metrics too.
+    first = manifest.split("val")["video_uri"].iloc[0]
+    info = probe(storage.read_bytes(first), first)
+    pre = Preprocessing(cfg.clip_len, cfg.eval_clips, cfg.stride, frame_size=(info.height, info.width))
 
     def videos_of(split: str) -> pd.DataFrame:
-        return predict_videos(model, manifest.split(split), cfg.clip_len, cfg.eval_clips, cfg.stride, device,
-                              batch_size=8, workers=min(cfg.loader_workers, 1))
+        return predict_videos(model, manifest.split(split), pre, device, batch_size=8,
+                              workers=min(cfg.loader_workers, 1))
 
     val_videos = videos_of("val")
     thresholds = choose_thresholds(study_predictions(val_videos))
@@ -343,18 +349,15 @@ def _finalize_in(folder: Path, model, cfg: FinetuneConfig, run: RunState, manife
     subset.write_text(json.dumps(label_subset_record(cfg.label_fraction, cfg.subset_seed, patients), indent=1))
     files.append(subset)
     log_evaluation(tracking_uri, run.run_id, report, files)
-    first = manifest.split("val")["video_uri"].iloc[0]
-    info = probe(storage.read_bytes(first), first)
-    meta = {
-        "frame_size": [info.height, info.width],
-        "label_fraction": cfg.label_fraction, "subset_seed": cfg.subset_seed, "init": cfg.init,
-        "pretrain_run_id": pretrain_run_id(cfg.init), "backbone": cfg.backbone, "clip_len": cfg.clip_len,
-        "num_clips": cfg.eval_clips, "stride": cfg.stride,
-        "threshold": min(1.0, thresholds.youden), "threshold_sens90": min(1.0, thresholds.sens90),
-        "manifest_sha256": manifest.sha256, "run_id": run.run_id,
-        "val_auroc": report["val_final_auroc"],
-        **{k: report[k] for k in report if k.startswith("test_auroc") or k.startswith("n_train")},
-    }
+    meta = BundleMeta(
+        preprocessing=pre, threshold=min(1.0, thresholds.youden), threshold_sens90=min(1.0, thresholds.sens90),
+        label_fraction=cfg.label_fraction, subset_seed=cfg.subset_seed, init=cfg.init,
+        pretrain_run_id=pretrain_run_id(cfg.init), run_id=run.run_id, manifest_sha256=manifest.sha256,
+        val_auroc=report["val_final_auroc"], n_train_studies=int(report["n_train_studies"]),
+        n_train_videos=int(report["n_train_videos"]),
+        **{k: report[k] for k in ("test_auroc", "test_auroc_ci_low", "test_auroc_ci_high", "test_auroc_delong_ci_low",
+                                  "test_auroc_delong_ci_high", "test_auroc_delong_se") if k in report},
+    )
     bundle = save_bundle(model.cpu(), meta, str(folder / "bundle"))
     mlflow.set_tracking_uri(tracking_uri)
     # The fluent API refuses a run of another experiment than the process's active one.
