@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from conftest import free_port, open_loopback, stop_process_group, wait_for_http, wait_for_port
 
 import echo
@@ -148,19 +149,22 @@ def test_models_serve_matches_predict(mlflow_server, s3_bucket, tmp_path, monkey
         assert evaluated["video_uri"].tolist() == local
         np.testing.assert_allclose(evaluated["probability"], [r["probability"] for r in served[:4]], rtol=0, atol=1e-6)
 
-        # Hostile files cost their row, not the server: not a video; 4096x4096 frames in 9 KB.
-        (serve_dir / "notes.mp4").write_bytes(b"patient notes, not a video\n" * 40)
+        # Hostile files cost their row, not the server: a GIF named .mp4 (a container outside the
+        # allow-list), 4096x4096 frames in 9 KB (past the decoding child's 256 MB), not a video.
+        gif = [Image.fromarray(np.full((32, 32), 40 * i, np.uint8)) for i in range(4)]
+        gif[0].save(serve_dir / "gif.mp4", format="GIF", save_all=True, append_images=gif[1:])
         huge = np.zeros((8, 4096, 4096), np.uint8)
         huge[:, ::64] = 200
         (serve_dir / "huge.mp4").write_bytes(encode_mp4(huge, fps=25))
-        bad = [str(serve_dir / "notes.mp4"), str(serve_dir / "huge.mp4")]
+        (serve_dir / "notes.mp4").write_bytes(b"patient notes, not a video\n" * 40)
+        bad = [str(serve_dir / n) for n in ("gif.mp4", "huge.mp4", "notes.mp4")]
         status, answer = _post(url, [local[0], *bad, local[1]])
         assert status == 200, answer
         rows = answer["predictions"]
-        assert [r["error"] for r in (rows[0], rows[3])] == ["", ""]
-        np.testing.assert_allclose([rows[0]["probability"], rows[3]["probability"]], [expected[0], expected[1]],
+        assert [r["error"] for r in (rows[0], rows[4])] == ["", ""]
+        np.testing.assert_allclose([rows[0]["probability"], rows[4]["probability"]], [expected[0], expected[1]],
                                    rtol=0, atol=1e-6)
-        for row, uri, why in zip(rows[1:3], bad, ("not a readable video", "")):
+        for row, uri, why in zip(rows[1:4], bad, ("container 'gif' is not allowed", "256 MB of memory allowed", "")):
             assert row["call"] == "error" and row["prediction"] == -1 and row["probability"] is None, row
             assert row["error"].startswith(f"cannot decode {uri}: ") and why in row["error"], row
         status, answer = _post(url, [local[2]])  # and it keeps answering

@@ -85,6 +85,7 @@ def main() -> None:
     video_clips(Preprocessing(2, 1, 1, (16, 16)), encode_mp4(np.zeros((2, 16, 16), np.uint8), fps=25), "warm-up")
     limit = _address_space() + memory_mb * (1 << 20)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    over_limit = f"decoding needs more than the {memory_mb} MB of memory allowed"
     _send(out, {"status": "ready"})
     inp = sys.stdin.buffer
     while True:
@@ -97,10 +98,11 @@ def main() -> None:
         try:
             clips = video_clips(Preprocessing(**request["preprocessing"]), data, uri).numpy()
             _send(out, {"status": "ok", "shape": list(clips.shape)}, clips.astype("<f4").tobytes())
-        except VideoDecodeError as e:
-            _send(out, {"status": "error", "reason": e.reason})
+        except VideoDecodeError as e:  # the decoder's own MemoryError arrives wrapped in it
+            memory = "MemoryError" in e.reason
+            _send(out, {"status": "error", "reason": over_limit if memory else e.reason})
         except MemoryError:
-            _send(out, {"status": "error", "reason": f"decoding needs more than the {memory_mb} MB allowed"})
+            _send(out, {"status": "error", "reason": over_limit})
         except Exception as e:  # anything else the decoder raises on hostile bytes
             _send(out, {"status": "error", "reason": f"not a readable video ({type(e).__name__})"})
         del data
