@@ -9,8 +9,9 @@ bucket's writers cannot change), and :func:`verify_experiment` refuses a restore
 when one is unknown or differs from every version the search wrote.
 
 Protected: every file at the top of the experiment folder but Ray's dot-file markers, and every
-``*.pkl`` below it except ``params.pkl`` (written by Tune's JSON logger and never read back). Checkpoints (``state.pt``) are
-not: they load with ``torch.load(weights_only=True)``, which runs no code.
+``*.pkl`` below it except ``params.pkl`` (written by Tune's JSON logger and never read back).
+Checkpoints (``state.pt``) are not: they load with ``torch.load(weights_only=True)``, which runs
+no code (but whoever can write them can change the weights a search finalises).
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ class RecordingVariantGenerator(BasicVariantGenerator):
 
     def __init__(self, tracking_uri: str, run_id: str, cell: str, experiment_path: str, filesystem: Any = None,
                  max_concurrent: int = 0):
+        """Takes the same ``(tracking_uri, run_id, cell, experiment_path, filesystem)`` as the other
+        recorders; it reads only the staging folder, so the last two go unused."""
         super().__init__(max_concurrent=max_concurrent)
         self._where = (tracking_uri, run_id, cell)
 
