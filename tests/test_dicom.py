@@ -235,14 +235,17 @@ _BUDGET_RUN = textwrap.dedent(
     import pydicom, pydicom.pixels
     from echo.ingest.pipeline import IngestOptions, ingest
 
-    pydicom.dcmread(sys.argv[1])  # imports done before measuring
+    pydicom.dcmread(sys.argv[1])
+    start = time.perf_counter()
+    ingest(IngestOptions(src=sys.argv[2], out=sys.argv[3], workers=1))  # the first run also imports
+    first = time.perf_counter() - start
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     summary = ingest(IngestOptions(src=sys.argv[2], out=sys.argv[3], workers=1))
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": seconds, "peak_growth_kb": after - before, "reasons": summary.skipped_by_reason,
-                      "detail": [o.detail for o in summary.skipped]}))
+    print(json.dumps({"first_seconds": first, "seconds": seconds, "peak_growth_kb": after - before,
+                      "reasons": summary.skipped_by_reason, "detail": [o.detail for o in summary.skipped]}))
     """
 )
 
@@ -250,7 +253,7 @@ _BUDGET_RUN = textwrap.dedent(
 def test_a_header_declaring_a_huge_clip_is_refused_before_decoding(tmp_path, monkeypatch):
     """Issue 17 item 7: a 50 KB file declaring 10,000 frames of 4096x4096 (JPEG frames of the
     real cine inside) is refused from its header within a second, the process's peak memory
-    (ru_maxrss, in a fresh interpreter) unchanged."""
+    (ru_maxrss, in a fresh interpreter, measured on a second run once imports are done) unchanged."""
     ds = real_cine()
     ds.NumberOfFrames, ds.Rows, ds.Columns = 10_000, 4096, 4096
     src = tmp_path / "src"
@@ -264,8 +267,9 @@ def test_a_header_declaring_a_huge_clip_is_refused_before_decoding(tmp_path, mon
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["reasons"] == {"over_budget": 1}
     assert "10000 frames of 4096x4096" in result["detail"][0] and "--max-pixels" in result["detail"][0]
-    assert result["seconds"] < 1.0
-    assert result["peak_growth_kb"] < 10_000, result
+    assert result["first_seconds"] < 1.0 and result["seconds"] < 1.0, result
+    # A decode would need 167 GB; the refusal leaves the peak where it was (within 2 MB).
+    assert result["peak_growth_kb"] < 2_000, result
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.mp4"))
 
 
