@@ -226,6 +226,12 @@ def test_a_changed_file_or_missing_digest_is_refused_by_pull_load_and_serve(serv
         load_model(f"runs:/{ref.run_id}/model")
     served = _serve_load(uri, server.url)
     assert served.returncode != 0 and "no bundle digest is recorded" in served.stderr, served.stderr[-2000:]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("video_uri,patient_id,study_id,split,label\nv.mp4,P1,S1,test,1\nw.mp4,P2,S2,test,0\n")
+    for command in (["predict", "--model", uri, str(tmp_path / "v.mp4")],
+                    ["evaluate", "--model", uri, "--manifest", str(manifest), "--out", str(tmp_path / "eval")]):
+        assert main(command) == 1, command
+        assert "no bundle digest is recorded" in capsys.readouterr().err, command
     # Only with the explicit flag, and said so.
     assert main(["models", "pull", uri, "--out", str(tmp_path / "pulled"), "--allow-unverified"]) == 0
     assert "bundle digest: none recorded (UNVERIFIED)" in capsys.readouterr().out
