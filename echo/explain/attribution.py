@@ -14,7 +14,6 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 from echo.data import storage
 from echo.data.video import probe
