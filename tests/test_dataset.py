@@ -166,6 +166,20 @@ def test_bad_objects_raise_sample_skipped(tmp_path, rows):
             assert e.value.reason.startswith(reason), (table.video_uri[index], e.value.reason)
 
 
+def test_an_object_over_the_cap_is_skipped_unread(tmp_path, rows):
+    with open(tmp_path / "huge.mp4", "wb") as f:
+        f.truncate(64 * 2**30)  # sparse: reading it whole would exhaust memory
+    table = pd.DataFrame({"video_uri": [str(tmp_path / "huge.mp4"), rows.video_uri[1]], "study_id": ["a", "b"],
+                          "label": [0.0, 1.0]})
+    for ds in (SSLClipDataset(table, "simclr"), LabelledClipDataset(table), EvalClipDataset(table)):
+        with pytest.raises(SampleSkipped, match="65536 MiB, over the 1024 MiB cap") as e:
+            ds.sample(0, 0)
+        assert e.value.uri == table.video_uri[0]
+    small = EvalClipDataset(table, max_object_bytes=len(storage.read_bytes(rows.video_uri[1])) - 1)
+    with pytest.raises(SampleSkipped, match="over the"):
+        small.sample(1, 0)
+
+
 def test_a_failed_partner_skips_under_its_own_uri(tmp_path, rows):
     table = rows.iloc[[1, 2]].reset_index(drop=True)  # one study of two videos
     assert table.study_id.nunique() == 1

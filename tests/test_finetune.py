@@ -117,7 +117,8 @@ def test_split_the_final_evaluation_cannot_score_is_refused_before_training(synt
     (no ray_cluster here: a run that got that far would fail to connect in this test)."""
     bad = _relabelled(synth_small, tmp_path / "bad.csv", split, severe)
     with pytest.raises(ValueError, match=message) as info:
-        run_finetune(FinetuneConfig(manifest=bad, backbone="tiny3d", evaluate_test=evaluate_test), RayOptions())
+        run_finetune(FinetuneConfig(manifest=bad, backbone="tiny3d", evaluate_test=evaluate_test,
+                                    data_root=[str(Path(synth_small).parent)]), RayOptions())
     assert bad in str(info.value)
 
 
@@ -125,7 +126,8 @@ def test_test_split_is_not_checked_when_it_is_not_evaluated(synth_small, tmp_pat
     from echo.data.manifest import load_manifest
     from echo.train.finetune import check_splits, training_rows
 
-    manifest = load_manifest(_relabelled(synth_small, tmp_path / "t.csv", "test", 1))
+    manifest = load_manifest(_relabelled(synth_small, tmp_path / "t.csv", "test", 1),
+                             data_roots=[str(Path(synth_small).parent)])
     train, _ = training_rows(manifest, 1.0, 0)
     check_splits(manifest, train, evaluate_test=False)
     with pytest.raises(ValueError, match="test split has 1 severe"):

@@ -270,7 +270,7 @@ def test_table_contents_and_local_relative_uris(tmp_path: Path, fmt: str, monkey
     absolute = str(tmp_path / "elsewhere" / "abs.mp4")
     rows[2]["video_uri"] = absolute
     uri = put_manifest(str(tmp_path), rows, fmt)
-    t = load_manifest(uri).table
+    t = load_manifest(uri, data_roots=[str(tmp_path)]).table  # the absolute path is outside the manifest's folder
     assert t["row"].tolist() == list(range(1, 11))
     assert t.loc[0, "video_uri"] == str(tmp_path / "ds" / "videos" / "v01.mp4")
     assert t.loc[2, "video_uri"] == absolute
@@ -279,7 +279,7 @@ def test_table_contents_and_local_relative_uris(tmp_path: Path, fmt: str, monkey
     assert t["n_frames"].tolist() == [60] * 10 and t["site"].tolist() == ["north"] * 10  # extra columns kept
     # a manifest named by a relative path: URIs relative to the working directory, made absolute on request
     monkeypatch.chdir(tmp_path)
-    rel = load_manifest(f"ds/manifest.{fmt}")
+    rel = load_manifest(f"ds/manifest.{fmt}", data_roots=["."])
     assert rel.table.loc[0, "video_uri"] == str(Path("ds") / "videos" / "v01.mp4")
     assert absolute_uri(rel.table.loc[0, "video_uri"]) == str(tmp_path / "ds" / "videos" / "v01.mp4")
     assert absolute_uri("s3://b/k.mp4") == "s3://b/k.mp4"
@@ -430,3 +430,77 @@ def test_label_fractions_are_nested_for_a_seed() -> None:
 def test_bad_label_fraction_raises(fraction: float) -> None:
     with pytest.raises(ValueError, match="label fraction"):
         label_fraction_patients(train_table(20), fraction, seed=0)
+
+
+# Data roots (issue 17, item 4): a manifest cannot make a job read outside its data
+
+
+@pytest.mark.parametrize("video_uri", ["/etc/passwd", "../x.mp4", "/proc/self/environ", "/dev/zero"])
+def test_a_video_uri_outside_the_data_roots_is_refused(tmp_path: Path, video_uri: str, capsys) -> None:
+    rows = rows_copy()
+    set_cell(3, "video_uri", video_uri)(rows)
+    uri = put_manifest(str(tmp_path), rows, "csv")
+    rc, out, err = check(capsys, uri, "--check-objects")
+    assert rc != 0
+    assert f"row 3, column 'video_uri': resolves outside the data roots ({tmp_path / 'ds'};" in err
+    assert video_uri not in out + err and "root:" not in out + err  # neither the cell nor what it names
+
+
+def test_other_data_roots_are_named_with_data_root(tmp_path: Path, capsys) -> None:
+    # manifests and videos side by side: ../videos is outside the manifest's folder
+    rows = rows_copy()
+    for r in rows:
+        r["video_uri"] = "../" + r["video_uri"]
+    uri = put_manifest(str(tmp_path), rows, "csv")
+    rc, _, err = check(capsys, uri)
+    assert rc != 0 and err.count("resolves outside the data roots") == len(rows)
+    rc, out, err = check(capsys, uri, "--data-root", str(tmp_path / "videos"), "--data-root", str(tmp_path / "more"))
+    assert rc == 0, err
+    assert parse_summary(out) == GOOD_SUMMARY
+
+
+def test_symlinks_leaving_the_root_and_files_that_are_not_regular_are_refused(tmp_path: Path, capsys) -> None:
+    (tmp_path / "ds" / "videos").mkdir(parents=True)
+    (tmp_path / "ds" / "videos" / "v01.mp4").symlink_to("/etc/passwd")
+    os.mkfifo(tmp_path / "ds" / "videos" / "v02.mp4")
+    (tmp_path / "ds" / "videos" / "v03.mp4").mkdir()
+    (tmp_path / "ds" / "videos" / "v04.mp4").symlink_to(tmp_path / "ds" / "videos" / "real.mp4")  # inside: fine
+    (tmp_path / "ds" / "videos" / "real.mp4").write_bytes(b"x")
+    uri = put_manifest(str(tmp_path), rows_copy(), "csv")
+    rc, _, err = check(capsys, uri)
+    assert rc != 0
+    assert "row 1, column 'video_uri': resolves outside the data roots" in err
+    assert "row 2, column 'video_uri': not a regular file" in err
+    assert "row 3, column 'video_uri': not a regular file" in err
+    assert "row 4," not in err
+
+
+def test_s3_videos_stay_in_the_manifest_s_bucket_unless_named(s3_bucket: str, capsys) -> None:
+    rows = rows_copy()
+    set_cell(2, "video_uri", "s3://another-bucket/v02.mp4")(rows)
+    set_cell(4, "video_uri", "videos/../../../v04.mp4")(rows)
+    uri = put_manifest(f"s3://{s3_bucket}/studies", rows, "csv")
+    rc, _, err = check(capsys, uri)
+    assert rc != 0
+    assert f"row 2, column 'video_uri': resolves outside the data roots (s3://{s3_bucket};" in err
+    assert "row 4, column 'video_uri': the key holds '.' or '..' segments" in err
+    set_cell(4, "video_uri", "videos/v04.mp4")(rows)
+    storage.write_bytes(uri, manifest_bytes(rows, "csv"))
+    rc, _, err = check(capsys, uri, "--data-root", f"s3://{s3_bucket}/studies/ds,s3://another-bucket")
+    assert rc == 0, err
+    rc, _, err = check(capsys, uri, "--data-root", f"s3://{s3_bucket}/studies/elsewhere,s3://another-bucket")
+    assert rc != 0 and err.count("resolves outside the data roots") == len(rows) - 1
+
+
+def test_an_object_over_the_size_cap_is_reported_not_read(tmp_path: Path, capsys) -> None:
+    uri = put_manifest(str(tmp_path), rows_copy()[:2], "csv")
+    (tmp_path / "ds" / "videos").mkdir(parents=True)
+    with open(tmp_path / "ds" / "videos" / "v01.mp4", "wb") as f:
+        f.truncate(64 * 2**30)  # sparse: 64 GiB that would exhaust memory if read
+    (tmp_path / "ds" / "videos" / "v02.mp4").write_bytes(b"\0" * (2**20 + 1))
+    rc, out, err = check(capsys, uri, "--check-objects")
+    assert rc == 0, err
+    assert "warning: row 1, column 'video_uri':" in out and "65536.0 MiB, over the 1024 MiB cap (--max-object-mb)" in out
+    assert "warning: row 2, column 'video_uri':" in out and "not a readable video" in out
+    rc, out, err = check(capsys, uri, "--check-objects", "--max-object-mb", "1")
+    assert "warning: row 2, column 'video_uri':" in out and "1.0 MiB, over the 1 MiB cap" in out

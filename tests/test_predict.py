@@ -82,7 +82,8 @@ def test_cli_and_api_agree_and_studies_stay_anonymous(videos, tmp_path, capsys):
 
     model = echo.load_model(bundle)
     api_videos = model.predict_videos(videos)
-    api_manifest = model.predict_manifest(str(manifest), split="test")
+    roots = [str(folder), str(tmp_path)]  # the videos live beside the manifest's folder, not in it
+    api_manifest = model.predict_manifest(str(manifest), split="test", data_roots=roots)
     assert len(api_manifest) == 3 and set(api_manifest["split"]) == {"test"}
     a, b = api_manifest["study"][0], api_manifest["study"][2]
     assert a == api_manifest["study"][1] != b and len(a) == HASH_HEX
@@ -90,11 +91,11 @@ def test_cli_and_api_agree_and_studies_stay_anonymous(videos, tmp_path, capsys):
     assert api_manifest["study_probability"][0] == pytest.approx(mean_a, abs=1e-12)
     assert api_manifest["study_prediction"].tolist() == [int(p >= 0.5) for p in api_manifest["study_probability"]]
     with pytest.raises(ValueError, match="no rows in split 'val'"):
-        model.predict_manifest(str(manifest), split="val")
+        model.predict_manifest(str(manifest), split="val", data_roots=roots)
 
     out_file = tmp_path / "pred.json"
     code = main(["predict", "--model", bundle, *videos, "--manifest", str(manifest), "--split", "test",
-                 "--format", "json", "--out", str(out_file)])
+                 "--format", "json", "--out", str(out_file), "--data-root", ",".join(roots)])
     printed = capsys.readouterr()
     assert code == 0, printed.err
     text = out_file.read_text()

@@ -15,10 +15,11 @@ import typing
 from typing import Any, Callable, Iterator
 
 from echo.train.launch import RayOptions
-from echo.train.settings import Flatten, help_of
+from echo.train.settings import Flatten, TrainConfig, help_of
 
 __all__ = ["add_config_arguments", "config_from_args", "add_ray_arguments", "ray_options_from_args",
-           "add_training_arguments", "run_training"]
+           "add_training_arguments", "run_training",
+           "add_data_arguments"]
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> Any:
@@ -82,6 +83,19 @@ def config_from_args(cls: type, args: argparse.Namespace):
         else:
             values[f.name] = getattr(args, f.name)
     return cls(**values)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, size_cap: bool = True) -> None:
+    """``--data-root`` (and, with ``size_cap``, ``--max-object-mb``) for a command that loads a
+    manifest outside a job config, documented as ``TrainConfig``'s fields are."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    parser.add_argument("--data-root", action="extend", default=[], metavar="DIR|s3://bucket/prefix",
+                        type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                        help=help_of(fields["data_root"]) + " (repeatable, or comma-separated)")
+    if not size_cap:
+        return
+    parser.add_argument("--max-object-mb", type=int, default=fields["max_object_mb"].default,
+                        help=f"{help_of(fields['max_object_mb'])} (default: {fields['max_object_mb'].default})")
 
 
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from echo.commands._options import add_data_arguments
 from echo.data.manifest import ManifestError
 from echo.evaluation.evaluate import evaluate_model
 from echo.explain.saliency import METHODS
@@ -25,13 +26,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--saliency", type=int, default=0, metavar="N", help="saliency GIFs for N sampled studies (0: none)")
     p.add_argument("--saliency-method", default="gradcam", choices=METHODS, help="saliency method")
     p.add_argument("--allow-unverified", action="store_true", help=ALLOW_UNVERIFIED_HELP)
+    add_data_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         evaluate_model(args.model, args.manifest, args.split, args.out, args.tracking_uri, args.experiment,
                        args.seed, args.n_resamples, args.workers, args.saliency, args.saliency_method,
-                       args.allow_unverified)
+                       args.allow_unverified, args.data_root, args.max_object_mb)
     except (RegistryError, BundleError, ManifestError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from echo.commands._options import add_data_arguments
 from echo.data import storage
 from echo.serve.bundle import ALLOW_UNVERIFIED_HELP, BundleError
 from echo.data.manifest import SPLITS, ManifestError
@@ -37,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     p.add_argument("--allow-unverified", action="store_true", help=ALLOW_UNVERIFIED_HELP)
+    add_data_arguments(p, size_cap=False)
 
 
 def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(args.model, tracking_uri=args.tracking_uri, device=args.device,
                            allow_unverified=args.allow_unverified)
         parts = [model.predict_videos(videos)] if videos else []
-        parts += [model.predict_manifest(m, split=args.split) for m in manifests]
+        parts += [model.predict_manifest(m, split=args.split, data_roots=args.data_root) for m in manifests]
     except (RegistryError, BundleError, ManifestError, FileNotFoundError, VideoDecodeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

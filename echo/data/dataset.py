@@ -15,8 +15,8 @@ samples of those videos skip storage and decoding (and give the same frames); th
 that do not fit are streamed as before. It too lives in the dataset object: the loader's
 worker processes each receive a copy.
 
-A video that cannot be used (missing object, empty/truncated/corrupt/non-video bytes, storage
-errors after retries) raises ``SampleSkipped`` naming its URI and the reason; the loader
+A video that cannot be used (missing object, an object over ``max_object_bytes`` (judged from
+its size, never read whole), empty/truncated/corrupt/non-video bytes, storage errors after retries) raises ``SampleSkipped`` naming its URI and the reason; the loader
 records it and goes on. Any other exception is a bug and propagates.
 """
 
@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from echo.data import storage
+from echo.data.roots import DEFAULT_MAX_OBJECT_MB
 from echo.data.augment import augment_clip
 from echo.data.clips import decode_at, eval_clips, minmax, train_clip_indices
 from echo.data.order import permutations
@@ -131,7 +132,8 @@ class ClipDataset:
     Subclasses implement ``sample(index, epoch) -> dict``.
     """
 
-    def __init__(self, rows: pd.DataFrame, seed: int = 0, cache_bytes: int = 0):
+    def __init__(self, rows: pd.DataFrame, seed: int = 0, cache_bytes: int = 0,
+                 max_object_bytes: int = DEFAULT_MAX_OBJECT_MB * 2**20):
         if "video_uri" not in rows.columns:
             raise ValueError("manifest rows need a 'video_uri' column")
         if len(rows) == 0:
@@ -140,6 +142,7 @@ class ClipDataset:
         self.seed = int(seed)
         self.epoch = 0
         self.cache = ByteCache(cache_bytes)
+        self.max_object_bytes = int(max_object_bytes)  # larger objects are skipped, never read whole
         self.decoded: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -168,9 +171,11 @@ class ClipDataset:
         if data is not None:
             return data
         try:
-            data = storage.read_bytes(uri)
+            data = storage.read_bytes(uri, max_bytes=self.max_object_bytes)
         except FileNotFoundError:
             raise SampleSkipped(uri, "missing object") from None
+        except storage.ObjectTooLarge as e:
+            raise SampleSkipped(uri, f"{e.size / 2**20:.0f} MiB, over the {e.cap / 2**20:g} MiB cap (--max-object-mb)") from None
         except OSError as e:  # StorageError after boto3's retries, or a local I/O error
             raise SampleSkipped(uri, f"storage error: {e}") from None
         if self.cache.capacity:
@@ -253,8 +258,9 @@ class SSLClipDataset(ClipDataset):
         stride: int = 1,
         seed: int = 0,
         cache_bytes: int = 0,
+        max_object_bytes: int = DEFAULT_MAX_OBJECT_MB * 2**20,
     ):
-        super().__init__(rows, seed=seed, cache_bytes=cache_bytes)
+        super().__init__(rows, seed=seed, cache_bytes=cache_bytes, max_object_bytes=max_object_bytes)
         if method not in SSL_METHODS:
             raise ValueError(f"unknown self-supervised method {method!r} (expected one of {', '.join(SSL_METHODS)})")
         self.method = method
@@ -327,8 +333,9 @@ class LabelledClipDataset(ClipDataset):
         seed: int = 0,
         augment: bool = True,
         cache_bytes: int = 0,
+        max_object_bytes: int = DEFAULT_MAX_OBJECT_MB * 2**20,
     ):
-        super().__init__(rows, seed=seed, cache_bytes=cache_bytes)
+        super().__init__(rows, seed=seed, cache_bytes=cache_bytes, max_object_bytes=max_object_bytes)
         self.labels = _labels(rows, allow_missing=False)
         self.clip_len = int(clip_len)
         self.stride = int(stride)
@@ -361,8 +368,9 @@ class EvalClipDataset(ClipDataset):
         stride: int = 1,
         cache_bytes: int = 0,
         frame_size: tuple[int, int] | None = None,
+        max_object_bytes: int = DEFAULT_MAX_OBJECT_MB * 2**20,
     ):
-        super().__init__(rows, seed=0, cache_bytes=cache_bytes)
+        super().__init__(rows, seed=0, cache_bytes=cache_bytes, max_object_bytes=max_object_bytes)
         self.labels = _labels(rows, allow_missing=True) if "label" in rows.columns else np.full(len(rows), math.nan, np.float32)
         self.clip_len = int(clip_len)
         self.num_clips = int(num_clips)

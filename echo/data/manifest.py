@@ -4,7 +4,8 @@ One row per video. Required columns: ``video_uri``, ``patient_id``, ``study_id``
 (``train``, ``val``, ``test`` or ``unlabeled``) and ``label`` (1 = severe aortic stenosis,
 0 = not severe, empty = unknown). Optional: ``n_frames``, ``fps`` and anything else, which is
 kept and ignored. CSV or Parquet, local or ``s3://``; a relative ``video_uri`` resolves
-against the manifest's own folder.
+against the manifest's own folder, and every ``video_uri`` must resolve inside the job's data
+roots (``echo.data.roots``: by default the manifest's folder or bucket).
 
 Errors name the row (1-based, header excluded), the column and the kind of problem, never a
 patient identifier or the text of a rejected cell (a column in the wrong place may hold one).
@@ -23,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from echo.data import storage
+from echo.data.roots import DEFAULT_MAX_OBJECT_MB, normalise_roots, outside_reason
 from echo.data.video import MAX_KEYFRAME_INTERVAL_OK, VideoDecodeError, probe, random_access_differs
 
 __all__ = [
@@ -92,6 +94,8 @@ class Manifest:
     table: pd.DataFrame
     sha256: str
     warnings: list[Problem] = field(default_factory=list)
+    data_roots: list[str] = field(default_factory=list)  # normalised (echo.data.roots)
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_MB * 2**20  # larger videos are skipped, never read whole
 
     def split(self, *names: str) -> pd.DataFrame:
         """Rows whose split is one of ``names``, in file order."""
@@ -158,8 +162,9 @@ def _parse_label(cell: str) -> float | None:
     return value if value in (0.0, 1.0) else None
 
 
-def validate(table: pd.DataFrame, uri: str) -> tuple[list[Problem], list[Problem]]:
-    """Check a raw table; return ``(errors, warnings)``. See the module docstring for the rules."""
+def validate(table: pd.DataFrame, uri: str, data_roots: Sequence[str] = ()) -> tuple[list[Problem], list[Problem]]:
+    """Check a raw table; return ``(errors, warnings)``. See the module docstring for the rules;
+    ``data_roots`` as ``echo.data.roots.normalise_roots`` gives them (default: the manifest's)."""
     errors: list[Problem] = []
     warnings: list[Problem] = []
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
@@ -190,8 +195,11 @@ def validate(table: pd.DataFrame, uri: str) -> tuple[list[Problem], list[Problem
 
     # Compared after resolution: "videos/a.mp4" and the same file's absolute path are one video.
     folder = _folder(uri)
+    roots = list(data_roots) or normalise_roots((), uri)
     first_row: dict[str, int] = {}
-    for r, v in zip(rows, (_resolve(folder, v) for v in table["video_uri"])):
+    for r, cell, v in zip(rows, table["video_uri"], (_resolve(folder, v) for v in table["video_uri"])):
+        if cell.strip() and (reason := outside_reason(v, roots)):
+            errors.append(Problem(reason, int(r), "video_uri"))
         if v in first_row:
             errors.append(Problem(f"duplicate video_uri (first on row {first_row[v]})", int(r), "video_uri"))
         else:
@@ -243,11 +251,14 @@ def validate(table: pd.DataFrame, uri: str) -> tuple[list[Problem], list[Problem
     return errors, warnings
 
 
-def load_manifest(uri: str, check_objects: bool = False) -> Manifest:
+def load_manifest(uri: str, check_objects: bool = False, data_roots: Sequence[str] = (),
+                  max_object_mb: float = DEFAULT_MAX_OBJECT_MB) -> Manifest:
     """Read and validate the manifest at ``uri``; raise ``ManifestError`` listing every problem.
 
-    With ``check_objects``, every video is probed in storage (see :func:`inspect_manifest_objects`);
-    missing or unreadable videos and long GOPs become warnings.
+    ``data_roots``: folders or ``s3://bucket/prefix`` every ``video_uri`` must resolve into
+    (default: the manifest's folder, or its bucket). With ``check_objects``, every video is
+    probed in storage (see :func:`inspect_manifest_objects`); missing or unreadable videos,
+    videos over ``max_object_mb`` MiB and long GOPs become warnings.
     """
     try:
         table, data = read_table(uri)
@@ -257,7 +268,8 @@ def load_manifest(uri: str, check_objects: bool = False) -> Manifest:
         raise ManifestError(uri, [Problem(f"cannot parse: {e}".strip())]) from None
     except (ValueError, OSError) as e:  # other messages may quote the bytes they choked on
         raise ManifestError(uri, [Problem(f"cannot parse ({type(e).__name__})")]) from None
-    errors, warnings = validate(table, uri)
+    roots = normalise_roots(data_roots, uri)
+    errors, warnings = validate(table, uri, roots)
     if errors:
         raise ManifestError(uri, errors)
     folder = _folder(uri)
@@ -269,21 +281,23 @@ def load_manifest(uri: str, check_objects: bool = False) -> Manifest:
     for col in ("n_frames", "fps"):
         if col in table.columns:
             table[col] = pd.to_numeric(table[col].replace("", np.nan), errors="coerce")
-    manifest = Manifest(uri=uri, table=table, sha256=hashlib.sha256(data).hexdigest(), warnings=warnings)
+    manifest = Manifest(uri=uri, table=table, sha256=hashlib.sha256(data).hexdigest(), warnings=warnings,
+                        data_roots=roots, max_object_bytes=int(max_object_mb * 2**20))
     if check_objects:
         manifest.warnings.extend(inspect_manifest_objects(manifest))
     return manifest
 
 
 def inspect_manifest_objects(manifest: Manifest) -> list[Problem]:
-    """Warnings for a manifest's videos: missing, unreadable, frame count unlike the manifest's,
-    long GOP, or an edit list; each names its row."""
+    """Warnings for a manifest's videos: missing, unreadable, larger than the manifest's
+    ``max_object_bytes`` (not read), frame count unlike the manifest's, long GOP, or an edit
+    list; each names its row."""
     problems = []
     has_n = "n_frames" in manifest.table.columns
     for rec in manifest.table.itertuples(index=False):
         uri = rec.video_uri
         try:
-            data = storage.read_bytes(uri)
+            data = storage.read_bytes(uri, max_bytes=manifest.max_object_bytes)
             info = probe(data, uri)
         except FileNotFoundError:
             problems.append(Problem(f"video not found: {uri}", rec.row, "video_uri"))

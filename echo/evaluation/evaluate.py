@@ -15,7 +15,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,6 +27,7 @@ from echo.data.dataset import EvalClipDataset
 from echo.data.ids import pseudonyms
 from echo.data.loader import VideoLoader
 from echo.data.manifest import load_manifest
+from echo.data.roots import DEFAULT_MAX_OBJECT_MB
 from echo.evaluation import metrics as M
 from echo.evaluation import plots
 from echo.explain.attribution import explain_videos, region_boxes, sample_studies
@@ -239,6 +240,8 @@ def evaluate_model(
     saliency: int = 0,
     saliency_method: str = "gradcam",
     allow_unverified: bool = False,
+    data_roots: Sequence[str] = (),
+    max_object_mb: int = DEFAULT_MAX_OBJECT_MB,
 ) -> dict[str, float]:
     """Evaluate a registered, logged or pulled model on one split of a manifest.
 
@@ -252,7 +255,7 @@ def evaluate_model(
     that many studies (seeded sample) and, where the manifest has ``valve_*`` boxes, the
     valve-energy share against the area baseline.
     """
-    manifest = load_manifest(manifest_uri)
+    manifest = load_manifest(manifest_uri, data_roots=data_roots, max_object_mb=max_object_mb)
     model = load_model(model_uri, tracking_uri=tracking_uri, allow_unverified=allow_unverified)
     meta = model.meta
 

@@ -118,8 +118,10 @@ class EchoModel:
             }
         )
 
-    def predict_manifest(self, manifest_uri: str, split: str | None = None) -> pd.DataFrame:
-        """Predictions for the videos of a manifest (one split, or all rows).
+    def predict_manifest(self, manifest_uri: str, split: str | None = None,
+                         data_roots: Sequence[str] = ()) -> pd.DataFrame:
+        """Predictions for the videos of a manifest (one split, or all rows), whose videos must lie
+        in ``data_roots`` (default: the manifest's folder or bucket; ``echo.data.roots``).
 
         Columns: ``video_uri``, ``split``, ``label``, ``study`` (``echo.data.ids.pseudonyms`` of
         the study ID: keyed by ``$ECHO_SSL_ID_KEY`` when set, else fresh per call), ``probability``, ``prediction``, ``call``, and the study's
@@ -127,7 +129,7 @@ class EchoModel:
         """
         if split is not None and split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        manifest = load_manifest(manifest_uri)
+        manifest = load_manifest(manifest_uri, data_roots=data_roots)
         rows = manifest.table if split is None else manifest.split(split)
         if rows.empty:
             raise ValueError(f"manifest {manifest_uri} has no rows in split {split!r}")

@@ -30,7 +30,7 @@ from echo.data import storage
 from echo.data.dataset import LabelledClipDataset
 from echo.data.loader import VideoLoader
 from echo.data.ids import ID_KEY_ENV, env_id_key, pseudonyms
-from echo.data.manifest import Manifest, absolute_uri, label_fraction_patients, load_manifest
+from echo.data.manifest import Manifest, absolute_uri, label_fraction_patients
 from echo.data.video import probe
 from echo.evaluation.evaluate import (choose_thresholds, log_evaluation, predict_videos, split_report,
                                       study_predictions, summary_line, write_evaluation)
@@ -43,7 +43,7 @@ from echo.train.distributed import all_reduce_sum, lockstep
 from echo.train.launch import RayOptions, fit_tracked, open_tracked_run
 from echo.train.optim import build_optimizer, optimizer_step
 from echo.train.session import RayTrainSession, Session, SkipReport, progress, rank0_logger
-from echo.train.settings import RunState, TrainConfig, from_loop_config, setting, with_default
+from echo.train.settings import RunState, TrainConfig, from_loop_config, job_manifest, setting, with_default
 
 __all__ = [
     "FinetuneConfig",
@@ -199,7 +199,7 @@ def finetune_loop(config: dict[str, Any], session: Session | None = None,
     session = session or RayTrainSession()
     device = session.device
     torch.manual_seed(cfg.seed)
-    manifest = load_manifest(cfg.manifest)
+    manifest = job_manifest(cfg)
     train, _ = training_rows(manifest, cfg.label_fraction, cfg.subset_seed)
     if cfg.steps_per_epoch:
         train = resample_rows(train, cfg.steps_per_epoch * cfg.batch_size * session.world_size, cfg.seed)
@@ -208,7 +208,8 @@ def finetune_loop(config: dict[str, Any], session: Session | None = None,
     model = session.wrap_model(core)
     n_pos = float((train["label"] == 1).sum())
     pos_weight = torch.tensor((len(train) - n_pos) / max(n_pos, 1.0)) if cfg.class_weights else torch.tensor(1.0)
-    dataset = LabelledClipDataset(train, clip_len=cfg.clip_len, stride=cfg.stride, seed=cfg.seed, augment=True)
+    dataset = LabelledClipDataset(train, clip_len=cfg.clip_len, stride=cfg.stride, seed=cfg.seed, augment=True,
+                                  max_object_bytes=manifest.max_object_bytes)
     if cfg.cache_decoded_mb:
         progress(dataset.cache_decoded(cfg.cache_decoded_mb * 2**20, decoded).describe(cfg.cache_decoded_mb))
     loader = VideoLoader(
@@ -378,7 +379,7 @@ def finalize_checkpoint(checkpoint, run: RunState, overrides: dict[str, Any] | N
     cfg = FinetuneConfig(**{**json.loads(state["config"]), **(overrides or {})})
     model = ASClassifier(cfg.backbone, dropout=cfg.dropout, normalization=cfg.normalization)
     model.load_state_dict(state["best"]["model"])
-    return finalize(model, cfg, run, load_manifest(cfg.manifest), torch.device("cpu"), state["best"]["epoch"])
+    return finalize(model, cfg, run, job_manifest(cfg), torch.device("cpu"), state["best"]["epoch"])
 
 
 def run_finetune(cfg: FinetuneConfig, ray_opts: RayOptions, resume: bool = False,
@@ -387,7 +388,7 @@ def run_finetune(cfg: FinetuneConfig, ray_opts: RayOptions, resume: bool = False
     weights; return the run ID. A split the final evaluation needs but cannot score stops it
     here, before training (see :func:`check_splits`)."""
     cfg = dataclasses.replace(cfg, manifest=absolute_uri(cfg.manifest))
-    manifest = load_manifest(cfg.manifest)
+    manifest = job_manifest(cfg)
     train, _ = training_rows(manifest, cfg.label_fraction, cfg.subset_seed)
     check_splits(manifest, train, cfg.evaluate_test)
     n_studies = int(train["study_id"].nunique())

@@ -30,7 +30,7 @@ from sklearn.preprocessing import StandardScaler
 from echo import tracking
 from echo.data.dataset import SSL_METHODS, SSLClipDataset
 from echo.data.loader import VideoLoader
-from echo.data.manifest import absolute_uri, load_manifest
+from echo.data.manifest import absolute_uri
 from echo.evaluation.evaluate import embed_videos
 from echo.evaluation.gates import gate_metrics, gate_summary
 from echo.evaluation.metrics import aggregate_by_group, auroc
@@ -41,7 +41,15 @@ from echo.train.launch import RayOptions, fit_tracked, open_tracked_run
 from echo.train.losses import NTXentLoss, frame_order_loss
 from echo.train.optim import build_optimizer, optimizer_step
 from echo.train.session import RayTrainSession, Session, SkipReport, progress, rank0_logger
-from echo.train.settings import RunState, TrainConfig, from_loop_config, loop_config, setting, with_default
+from echo.train.settings import (
+    RunState,
+    TrainConfig,
+    from_loop_config,
+    job_manifest,
+    loop_config,
+    setting,
+    with_default,
+)
 
 __all__ = ["PretrainConfig", "pretrain_loop", "run_pretrain"]
 
@@ -107,10 +115,10 @@ def pretrain_loop(config: dict[str, Any], session: Session | None = None,
     session = session or RayTrainSession()
     device = session.device
     torch.manual_seed(cfg.seed)
-    manifest = load_manifest(cfg.manifest)
+    manifest = job_manifest(cfg)
     rows = manifest.split(*cfg.splits)
     dataset = SSLClipDataset(rows, method=cfg.method, clip_len=cfg.clip_len, stride=cfg.stride, seed=cfg.seed,
-                             cache_bytes=cfg.cache_mb * 2**20)
+                             cache_bytes=cfg.cache_mb * 2**20, max_object_bytes=manifest.max_object_bytes)
     cache_metrics: dict[str, float] = {}
     if cfg.cache_decoded_mb:
         stats = dataset.cache_decoded(cfg.cache_decoded_mb * 2**20, decoded)
@@ -238,7 +246,7 @@ def _log_encoder(model, cfg: PretrainConfig, run: RunState) -> None:
 def run_pretrain(cfg: PretrainConfig, ray_opts: RayOptions, resume: bool = False, ray_address: str | None = None) -> str:
     """Validate, create (or, with ``resume``, find) the MLflow run, train on Ray; return the run ID."""
     cfg = dataclasses.replace(cfg, manifest=absolute_uri(cfg.manifest))
-    manifest = load_manifest(cfg.manifest)  # fails fast, before any worker starts
+    manifest = job_manifest(cfg)  # fails fast, before any worker starts
     rows = manifest.split(*cfg.splits)
     if len(rows) < cfg.batch_size * ray_opts.workers:
         raise ValueError(

@@ -17,8 +17,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, TypeVar
 
+from echo.data.roots import DEFAULT_MAX_OBJECT_MB
+
 __all__ = ["OPTIMIZERS", "SCHEDULES", "Flatten", "setting", "with_default", "help_of", "TrainConfig", "RunState",
-           "loop_config", "from_loop_config"]
+           "loop_config", "from_loop_config", "job_manifest"]
 
 C = TypeVar("C")
 
@@ -84,6 +86,10 @@ class TrainConfig:
     loader_workers: int = setting(2, "decoding processes per worker")
     sample_timeout_s: float = setting(60.0, "seconds before a hung decode is abandoned and its video skipped")
     max_skipped_fraction: float = setting(0.01, "stop when more than this fraction of an epoch's videos cannot be decoded")
+    data_root: list[str] = setting(help="folders or s3://bucket/prefix every video_uri must resolve into (default: "
+                                        "the manifest's folder, or its bucket for an s3:// manifest)", factory=list)
+    max_object_mb: int = setting(DEFAULT_MAX_OBJECT_MB, "videos larger than this (MiB) are skipped and reported, "
+                                                        "never read whole")
     cache_mb: int = setting(0, "in-memory cache of compressed videos per decoding process (MiB)")
     cache_decoded_mb: int = setting(0, "decode the training videos once into memory, up to this many MiB per training "
                                        "worker (each loader process holds a copy: use --loader-workers 0 with it); "
@@ -95,7 +101,7 @@ class TrainConfig:
     run_name: str | None = setting(None, "run name (also the Ray run folder); give it with --resume")
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "clip_len", "stride"):
+        for name in ("epochs", "batch_size", "clip_len", "stride", "max_object_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_epochs", "weight_decay", "grad_clip", "loader_workers", "cache_mb", "cache_decoded_mb"):
@@ -111,6 +117,14 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+def job_manifest(cfg: TrainConfig):
+    """``cfg.manifest`` read and validated under the config's data roots and object cap
+    (``echo.data.manifest.load_manifest``); raises ``ManifestError``."""
+    from echo.data.manifest import load_manifest  # here: flags and --help need no pandas
+
+    return load_manifest(cfg.manifest, data_roots=cfg.data_root, max_object_mb=cfg.max_object_mb)
 
 
 @dataclass(frozen=True)

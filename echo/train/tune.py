@@ -25,14 +25,14 @@ import pandas as pd
 import torch
 
 from echo import tracking
-from echo.data.manifest import absolute_uri, load_manifest
+from echo.data.manifest import absolute_uri
 from echo.evaluation import plots
 from echo.serve.registry import DEFAULT_NAME, register
 from echo.train.finetune import (FinetuneConfig, check_splits, finalize_checkpoint, finetune_loop, resolve_init,
                                  training_rows)
 from echo.train.launch import connect, new_run_name, storage_for
 from echo.train.session import TuneSession, progress
-from echo.train.settings import Flatten, RunState, loop_config, setting
+from echo.train.settings import Flatten, RunState, job_manifest, loop_config, setting
 
 __all__ = ["TuneConfig", "CELL_FIELDS", "TRIAL_DEFAULTS", "DEFAULT_SPACE", "trial_base", "run_search", "search_space",
            "cell_name"]
@@ -247,7 +247,7 @@ def _finalize_best(cfg: TuneConfig, tracking_uri: str, result) -> tuple[dict, st
 def run_search(cfg: TuneConfig, resume: bool = False, ray_address: str | None = None) -> pd.DataFrame:
     """Run the whole search; write the table and plot under ``cfg.out``; return the table."""
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    manifest = load_manifest(cfg.base.manifest)  # a bad manifest stops the search before it starts
+    manifest = job_manifest(cfg.base)  # a bad manifest stops the search before it starts
     cfg = dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, manifest=absolute_uri(cfg.base.manifest)))
     uri = tracking.resolve_tracking_uri(cfg.base.tracking_uri)
     experiment = cfg.base.experiment
