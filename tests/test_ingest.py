@@ -343,3 +343,23 @@ def test_a_dying_worker_costs_only_its_own_file(caplog):
     assert status == {1: "ingested", 2: "skipped", 3: "ingested", 4: "ingested", 5: "ingested", 6: "ingested", 7: "ingested"}
     assert [o.reason for o in outcomes if o.position == 2] == ["worker_crashed"]
     assert any("worker process died" in r.getMessage() for r in caplog.records)
+
+
+def test_a_trusted_region_box_keeps_no_burned_in_text_in_the_clip(tmp_path, key):
+    """Issue 17 item 2 end to end: the real cine with its region box set to (0,0)-(319,219)
+    (which holds "PLA / Gen THI", "MI 0.9 TIS 0.7" and the depth scale) comes out with nothing
+    beyond the estimated fan but H.264 ringing, and with the fan's content."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "boxed.dcm").write_bytes(to_bytes(with_regions(real_cine(), (0, 0, 319, 219, 1))))
+    summary = ingest(IngestOptions(src=str(src), out=str(tmp_path / "out")))
+    table = load_manifest(summary.manifest_uri).table
+    assert list(table["sector"]) == ["regions+estimated"]
+    uri = table["video_uri"].item()
+    clip = decode_frames(storage.read_bytes(uri), range(30), uri).astype(int)
+    source = gray(real_rgb())
+    kept = fan.estimate_sector(source) & fan.regions_mask(((0, 0, 319, 219),), source.shape[1:])
+    expected = fan.crop_to_sector(source, kept, (112, 112)).astype(int)
+    beyond = ~ndimage.binary_dilation(expected.max(axis=0) > 0, iterations=3)
+    assert beyond.sum() > 1500 and clip[:, beyond].max() <= 8
+    assert np.abs(clip - expected).mean() < 3.0
