@@ -325,3 +325,18 @@ def test_manifests_combine_into_one_pretraining_corpus(tmp_path, capsys):
     capsys.readouterr()
     assert manifest_combine.run(parser.parse_args([a, a, "--out", str(tmp_path / "twice.csv")])) == 1
     assert "duplicate video_uri" in capsys.readouterr().err
+
+
+def test_a_combined_manifest_outside_its_videos_folders_needs_their_data_roots(tmp_path, capsys):
+    clip = echo_frames((112, 112), False, n_frames=8, text=False)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "v.avi").write_bytes(write_video(clip, "mjpeg.avi"))
+    ingest(IngestOptions(src=str(tmp_path / "a"), out=str(tmp_path / "corpus")))
+    parser = argparse.ArgumentParser()
+    manifest_combine.add_arguments(parser)
+    elsewhere = str(tmp_path / "manifests" / "combined.csv")
+    (tmp_path / "manifests").mkdir()
+    assert manifest_combine.run(parser.parse_args([str(tmp_path / "corpus" / "manifest.csv"), "--out", elsewhere])) == 1
+    assert "row 1" in capsys.readouterr().err
+    argv = [str(tmp_path / "corpus" / "manifest.csv"), "--out", elsewhere, "--data-root", str(tmp_path / "corpus")]
+    assert manifest_combine.run(parser.parse_args(argv)) == 0

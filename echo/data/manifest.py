@@ -329,12 +329,13 @@ def inspect_manifest_objects(manifest: Manifest) -> list[Problem]:
     return problems
 
 
-def combine_manifests(uris: Sequence[str], out_uri: str) -> pd.DataFrame:
+def combine_manifests(uris: Sequence[str], out_uri: str, data_roots: Sequence[str] = ()) -> pd.DataFrame:
     """One table of every row of the manifests at ``uris`` (each validated first), to be written
     at ``out_uri``: ``video_uri`` relative to ``out_uri``'s folder for a video below it, else
     absolute; columns are the union (missing cells empty). The union is validated as one
-    manifest, so a video in two of them, or a patient in train of one and test of another, is
-    refused (``ManifestError`` naming rows of the combined table)."""
+    manifest (``data_roots``: where its videos may lie, default its folder), so a video in two of
+    them, or a patient in train of one and test of another, is refused (``ManifestError`` naming
+    rows of the combined table)."""
     parts = []
     base = _folder(absolute_uri(out_uri)).rstrip("/") + "/"
     for uri in uris:
@@ -345,7 +346,7 @@ def combine_manifests(uris: Sequence[str], out_uri: str) -> pd.DataFrame:
         table["video_uri"] = [v[len(base):] if v.startswith(base) else v for v in resolved]
         parts.append(table)
     combined = pd.concat(parts, ignore_index=True).fillna("")
-    errors, _ = validate(combined, out_uri)
+    errors, _ = validate(combined, out_uri, normalise_roots(data_roots, out_uri))
     if errors:
         raise ManifestError(out_uri, errors)
     return combined
