@@ -267,7 +267,8 @@ def test_a_header_declaring_a_huge_clip_is_refused_before_decoding(tmp_path, mon
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["reasons"] == {"over_budget": 1}
     assert "10000 frames of 4096x4096" in result["detail"][0] and "--max-pixels" in result["detail"][0]
-    assert result["first_seconds"] < 1.0 and result["seconds"] < 1.0, result
+    # The first run also imports pydicom's pixel handlers; the refusal itself is the second.
+    assert result["first_seconds"] < 10.0 and result["seconds"] < 1.0, result
     # A decode would need 167 GB; the refusal leaves the peak where it was (within 2 MB).
     assert result["peak_growth_kb"] < 2_000, result
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.mp4"))
