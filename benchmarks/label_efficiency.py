@@ -62,6 +62,7 @@ from echo.evaluation.metrics import aggregate_by_group, auroc, draw_bootstrap  #
 from echo.evaluation.plots import plot_label_curves  # noqa: E402
 from echo.ingest.synth import MANIFEST_COLUMNS, VIEW_JITTER, leaflet_px_by_label, synthesize  # noqa: E402
 from echo.model.networks import ASClassifier, SSLModel  # noqa: E402
+from echo.model.preprocessing import Preprocessing  # noqa: E402
 from echo.train import checkpoint as ckpt  # noqa: E402
 from echo.train.finetune import FinetuneConfig, finetune_loop  # noqa: E402
 from echo.train.pretrain import PretrainConfig, pretrain_loop  # noqa: E402
@@ -468,7 +469,8 @@ def _pretrain(profile: Profile, method: str, manifest_uri: str, n_rows: int, tra
 
 
 def _subset_manifest(manifest: Manifest, patients: list[str], path: Path) -> str:
-    """A manifest of the draw's training patients plus the validation split (absolute URIs)."""
+    """A manifest of the draw's training patients plus the validation split (absolute URIs), written
+    beside the full manifest so that its videos lie under its default data root."""
     t = manifest.table
     keep = ((t["split"] == "train") & t["patient_id"].isin(set(patients))) | (t["split"] == "val")
     table = t.loc[keep, list(MANIFEST_COLUMNS)].copy()
@@ -500,8 +502,8 @@ def _finetune_draw(profile: Profile, init: str, subset_uri: str, test_rows: pd.D
             best = (float(state["metric"]), lr, state["model"])
     model = ASClassifier(profile.backbone, dropout=profile.dropout)
     model.load_state_dict(best[2])
-    videos = predict_videos(model.to(device), test_rows, profile.ft_clip_len, profile.eval_clips, profile.ft_stride,
-                            device)
+    videos = predict_videos(model.to(device), test_rows,
+                            Preprocessing(profile.ft_clip_len, profile.eval_clips, profile.ft_stride), device)
     studies = study_predictions(videos).sort_values("study_id")
     return studies["probability"].to_numpy(), best[1]
 
@@ -606,7 +608,7 @@ def run_benchmark(profile: Profile, out: Path, tracking_uri: str | None = None, 
         if "finetune" in readouts:
             ft = subset_draws(train, profile.ft_counts, profile.ft_draws, profile.seed)
             for (n, d), patients in ft.items():
-                subset = _subset_manifest(manifest, patients, out / "data" / "subsets" / f"n{n}-d{d}.csv")
+                subset = _subset_manifest(manifest, patients, out / "data" / f"subset-n{n}-d{d}.csv")
                 for init, enc in encoders.items():
                     s, lr = _finetune_draw(profile, enc, subset, test_rows, device, out, f"finetune-{init}-n{n}-d{d}",
                                            decoded)
