@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import resource
 import sys
@@ -42,6 +41,9 @@ from echo.data.manifest import load_manifest
 from echo.data.video import decode_frames
 from echo.ingest.pipeline import IngestOptions, ingest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from videofiles import encode_as  # noqa: E402  (the test suite's writer of other-format videos)
+
 SIZE = (112, 224)  # (H, W) of the raw videos
 FPS = 50
 
@@ -61,19 +63,9 @@ def raw_frames(n_frames: int, shift: int) -> np.ndarray:
 
 def write_raw(frames: np.ndarray) -> bytes:
     """Long-GOP H.264 MP4 with B-frames (the MP4 muxer adds an edit list for their delay)."""
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=FPS)
-        stream.height, stream.width, stream.pix_fmt = *SIZE, "yuv420p"
-        stream.options = {"x264-params": f"bframes=3:keyint={len(frames)}:min-keyint={len(frames)}:scenecut=0"}
-        for i, f in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
+    gop = len(frames)
+    return encode_as(frames, "mp4", "libx264", "yuv420p",
+                     {"x264-params": f"bframes=3:keyint={gop}:min-keyint={gop}:scenecut=0"}, fps=FPS)
 
 
 def cpu_seconds() -> float:
