@@ -146,7 +146,7 @@ def test_every_skipped_video_is_named_exactly_once(ray_cluster, synth_small, tmp
     flags = {"manifest": str(manifest), "method": "mi-simclr", "backbone": "tiny3d", "epochs": "3", "batch-size": "4",
              "clip-len": "4", "lr": "1e-3", "loader-workers": "0", "probe-every": "0", "max-skipped-fraction": "0.5",
              "splits": "unlabeled", "tracking-uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "workers": "2",
-             "cpus-per-worker": "0.5", "storage": str(tmp_path / "runs"),
+             "cpus-per-worker": "0.5", "storage": str(tmp_path / "runs"), "data-root": f"{base},{tmp_path}",
              "ray-address": ray_cluster.get_runtime_context().gcs_address}
     done = subprocess.run([sys.executable, "-m", "echo.cli", "pretrain", *(x for k, v in flags.items() for x in (f"--{k}", v))],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
