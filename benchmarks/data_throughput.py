@@ -208,8 +208,12 @@ def get_cost(rows: pd.DataFrame, rounds: int = 3) -> dict[str, float]:
 
 
 def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    """The CPU's model name from /proc/cpuinfo ("unknown" where there is none): printed with every figure."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
 
 
 def measure(arms: dict[str, Iterator[int]], samples: dict[str, int], rounds: int) -> dict[str, float]:

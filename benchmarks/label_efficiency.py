@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from data_throughput import cpu_model  # noqa: E402
 from echo import tracking  # noqa: E402
 from echo.data.dataset import SSL_METHODS  # noqa: E402
 from echo.data.manifest import Manifest, load_manifest  # noqa: E402
@@ -233,14 +234,6 @@ def _commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha.strip()[:12] + (" (with uncommitted changes)" if dirty.strip() else "")
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def synthesize_data(profile: Profile, folder: Path, view_jitter: str) -> str:
@@ -519,7 +512,7 @@ def run_benchmark(profile: Profile, out: Path, tracking_uri: str | None = None, 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if profile.name.startswith("gpu") and torch.cuda.is_available() else "cpu")
-    context = {"cpu": _cpu_model(), "device": str(device), "cores": os.cpu_count()}
+    context = {"cpu": cpu_model(), "device": str(device), "cores": os.cpu_count()}
     commit = _commit()
     small = tuple(sorted(c for c in profile.counts if c)[:2])
     rules = decision_rules(profile, small)

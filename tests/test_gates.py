@@ -14,6 +14,8 @@ from echo.evaluation import gates
 from echo.model.networks import SSLModel
 from echo.data.order import permutations
 
+from videofiles import write_video
+
 
 def _patients(n_patients: int = 30, videos: int = 3) -> np.ndarray:
     return np.repeat(np.arange(n_patients), videos)
@@ -79,6 +81,33 @@ def test_order_top1_of_an_oracle_is_one_and_of_a_constant_head_is_chance() -> No
             return {"order_logits": torch.zeros(len(x), 24)}
 
     assert gates.order_top1(Constant(4), clips) == pytest.approx(1 / 24)
+
+
+class _FrameMeans(nn.Module):
+    """Features = each frame's mean brightness, in clip order: ``(N, T)``."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"features": x.mean(dim=(1, 3, 4))}
+
+
+def test_held_out_clips_take_frames_stride_apart(tmp_path) -> None:
+    """Gates see clips as pretraining does: with ``stride`` s, a clip's frames lie s apart.
+    Frame t is flat grey at level t mod 4 (x 50): any 4 frames 1 or 3 apart cover the four
+    levels, so after the clip's min-max scaling, level = 3 x brightness, and the level steps
+    by +1 (mod 4) from frame to frame at stride 1 and by -1 (3 mod 4) at stride 3."""
+    import pandas as pd
+
+    levels = np.arange(30) % 4
+    frames = np.broadcast_to((40 + 50 * levels).astype(np.uint8)[:, None, None], (30, 32, 32)).copy()
+    video = tmp_path / "levels.avi"
+    video.write_bytes(write_video(frames, "mjpeg.avi"))
+    rows = pd.DataFrame({"video_uri": [str(video)], "patient_id": ["p"], "study_id": ["s"]})
+    for stride, step in ((1, 1), (3, 3)):
+        feats = gates.held_out_outputs(_FrameMeans(), rows, 4, torch.device("cpu"), order_videos=0,
+                                       stride=stride)["features"][0]
+        seen = np.round(3 * feats).astype(int)
+        assert sorted(seen) == [0, 1, 2, 3], (stride, feats)
+        assert (np.diff(seen) % 4 == step).all(), (stride, feats)
 
 
 def test_gate_passed_thresholds() -> None:

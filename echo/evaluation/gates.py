@@ -122,17 +122,18 @@ def valve_probe_r2(features: np.ndarray, severity: np.ndarray, groups: np.ndarra
 
 @torch.no_grad()
 def held_out_outputs(model: torch.nn.Module, rows: pd.DataFrame, clip_len: int, device: torch.device,
-                     num_clips: int = 1, order_videos: int = 128, batch_size: int = 32) -> dict[str, Any]:
+                     num_clips: int = 1, order_videos: int = 128, batch_size: int = 32,
+                     stride: int = 1) -> dict[str, Any]:
     """Frozen features of ``rows`` (manifest rows) and, with an order head, frame-order top-1.
 
     Features ``(N, D)``: the mean over ``num_clips`` evenly spaced clips of ``clip_len``
-    frames (one centred clip for 1); a video that cannot be decoded gets zeros (logged).
+    frames ``stride`` frames apart (one centred clip for 1); a video that cannot be decoded gets zeros (logged).
     Frame order is measured on the first clip of the first ``order_videos`` videos.
     Returns ``{"features", "order_top1" (None without an order head)}``.
     """
     was_training = model.training
     model.eval()
-    dataset = EvalClipDataset(rows, clip_len=clip_len, num_clips=num_clips)
+    dataset = EvalClipDataset(rows, clip_len=clip_len, num_clips=num_clips, stride=stride)
     has_order = getattr(model, "order_head", None) is not None
     feats: list[np.ndarray | None] = []
     order_clips: list[torch.Tensor] = []
@@ -168,11 +169,12 @@ def held_out_outputs(model: torch.nn.Module, rows: pd.DataFrame, clip_len: int, 
 
 
 def gate_metrics(model: torch.nn.Module, rows: pd.DataFrame, clip_len: int, device: torch.device,
-                 num_clips: int = 1, order_videos: int = 128) -> dict[str, float]:
+                 num_clips: int = 1, order_videos: int = 128, stride: int = 1) -> dict[str, float]:
     """The gates on ``rows`` (held-out patients): ``retrieval_top1``, ``retrieval_chance``,
     ``order_top1`` and ``order_chance`` (with an order head), ``valve_probe_r2`` (when the rows
-    carry ``valve_severity``). No patient identifier leaves this function."""
-    out = held_out_outputs(model, rows, clip_len, device, num_clips, order_videos)
+    carry ``valve_severity``). Clips are taken as in pretraining: ``clip_len`` frames
+    ``stride`` apart. No patient identifier leaves this function."""
+    out = held_out_outputs(model, rows, clip_len, device, num_clips, order_videos, stride=stride)
     top1, chance = retrieval_top1(out["features"], rows["patient_id"].to_numpy())
     metrics = {"retrieval_top1": top1, "retrieval_chance": chance}
     if out["order_top1"] is not None:

@@ -111,9 +111,11 @@ def overlay(frames: np.ndarray, sal: np.ndarray, cmap: str = "jet", alpha: float
     return np.round(rgb * 255).astype(np.uint8)
 
 
-def _upscale(rgb: np.ndarray, factor: int) -> np.ndarray:
-    """(..., H, W, 3) -> (..., H*factor, W*factor, 3), nearest neighbour."""
-    return rgb.repeat(factor, axis=-3).repeat(factor, axis=-2)
+def _zoomed_overlay(frames: np.ndarray, sal: np.ndarray, upscale: int, cmap: str, alpha: float) -> np.ndarray:
+    """:func:`overlay` zoomed ``upscale`` times (nearest neighbour): (T, H*upscale, W*upscale, 3) uint8."""
+    if not (isinstance(upscale, int) and upscale >= 1):
+        raise ValueError(f"upscale must be a positive int, got {upscale!r}")
+    return overlay(frames, sal, cmap, alpha).repeat(upscale, axis=-3).repeat(upscale, axis=-2)
 
 
 def _colorbar(height: int, cmap: str) -> np.ndarray:
@@ -129,11 +131,6 @@ def _colorbar(height: int, cmap: str) -> np.ndarray:
     canvas.draw()
     img = np.asarray(canvas.buffer_rgba())[..., :3]
     return img[:height, :COLORBAR_WIDTH].copy()
-
-
-def _check_upscale(upscale: int) -> None:
-    if not (isinstance(upscale, int) and upscale >= 1):
-        raise ValueError(f"upscale must be a positive int, got {upscale!r}")
 
 
 def write_gif(
@@ -158,10 +155,9 @@ def write_gif(
     Returns:
         ``path``. The GIF has T frames of :func:`gif_size` ``(H, W, upscale)`` pixels.
     """
-    _check_upscale(upscale)
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
-    rgb = _upscale(overlay(frames, sal, cmap, alpha), upscale)
+    rgb = _zoomed_overlay(frames, sal, upscale, cmap, alpha)
     t, h, w, _ = rgb.shape
     bar = _colorbar(h, cmap)
     width, height = w + COLORBAR_WIDTH, h + PROGRESS_HEIGHT
@@ -208,8 +204,7 @@ def write_strip(
     Returns:
         ``path``. The PNG is :func:`strip_size` ``(H, W, T, n_key, upscale)`` pixels, RGB.
     """
-    _check_upscale(upscale)
-    rgb = _upscale(overlay(frames, sal, cmap, alpha), upscale)
+    rgb = _zoomed_overlay(frames, sal, upscale, cmap, alpha)
     t, h, w, _ = rgb.shape
     keys = key_frame_indices(t, n_key)
     width, height = strip_size(h // upscale, w // upscale, t, n_key, upscale)

@@ -202,7 +202,7 @@ def pretrain_loop(config: dict[str, Any], session: Session | None = None,
                 metrics["probe_val_auroc"] = probe
             val = manifest.split("val")
             if len(val):
-                gates = gate_metrics(core, val, cfg.clip_len, device)
+                gates = gate_metrics(core, val, cfg.clip_len, device, stride=cfg.stride)
                 metrics.update({f"gate_{k}": v for k, v in gates.items() if np.isfinite(v)})
                 gate_line = "  " + gate_summary(gates)
         state = None

@@ -55,6 +55,17 @@ def _load_checkpoint(checkpoint) -> dict[str, Any] | None:
         return ckpt.load_state(folder)
 
 
+def _report(api: Any, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+    """Report through ``api`` (``ray.train`` or ``ray.tune``: the same ``report`` and
+    ``Checkpoint``), saving ``state`` as the report's checkpoint when there is one."""
+    if state is None:
+        api.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="echo-ckpt-") as folder:
+        ckpt.save_state(folder, state)
+        api.report(metrics, checkpoint=api.Checkpoint.from_directory(folder))
+
+
 class RayTrainSession(Session):
     """Inside a ``TorchTrainer`` worker."""
 
@@ -86,12 +97,7 @@ class RayTrainSession(Session):
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         import ray.train
 
-        if state is None:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory(prefix="echo-ckpt-") as folder:
-            ckpt.save_state(folder, state)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        _report(ray.train, metrics, state)
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
@@ -114,12 +120,7 @@ class TuneSession(Session):
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         import ray.tune
 
-        if state is None:
-            ray.tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory(prefix="echo-ckpt-") as folder:
-            ckpt.save_state(folder, state)
-            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
+        _report(ray.tune, metrics, state)
 
 
 class LocalSession(Session):
