@@ -164,9 +164,12 @@ def test_models_serve_matches_predict(mlflow_server, s3_bucket, tmp_path, monkey
         assert [r["error"] for r in (rows[0], rows[4])] == ["", ""]
         np.testing.assert_allclose([rows[0]["probability"], rows[4]["probability"]], [expected[0], expected[1]],
                                    rtol=0, atol=1e-6)
-        for row, uri, why in zip(rows[1:4], bad, ("container 'gif' is not allowed", "256 MB of memory allowed", "")):
+        # Which allocation fails first under the child's limit varies between runs (as in
+        # test_sandbox): a MemoryError, reported as the limit, or decord's filter graph failing.
+        whys = (("container 'gif' is not allowed",), ("256 MB of memory allowed", "decoding frames failed"), ("",))
+        for row, uri, why in zip(rows[1:4], bad, whys):
             assert row["call"] == "error" and row["prediction"] == -1 and row["probability"] is None, row
-            assert row["error"].startswith(f"cannot decode {uri}: ") and why in row["error"], row
+            assert row["error"].startswith(f"cannot decode {uri}: ") and any(w in row["error"] for w in why), row
         status, answer = _post(url, [local[2]])  # and it keeps answering
         assert status == 200 and answer["predictions"][0]["probability"] == pytest.approx(expected[2], abs=1e-6)
 
