@@ -152,7 +152,7 @@ PROFILES: dict[str, Profile] = {
         min_frames=16, max_frames=32, difficulty=1.25, synth_workers=2, backbone="tiny3d", pretrain_steps=800,
         pretrain_batch=32, pretrain_clip_len=4, pretrain_lr=1e-3, temperature=0.1, cache_decoded_mb=4096,
         counts=(6, 12, 26, 51, 126, 0), draws=(20, 20, 10, 10, 10, 1), probe_clips=4, order_videos=256,
-        ft_counts=(6, 0), ft_draws=(2, 1), ft_epochs=3, ft_steps_per_epoch=200, ft_lrs=(1e-4, 5e-5, 1e-5),
+        ft_counts=(6, 12, 0), ft_draws=(4, 2, 1), ft_epochs=3, ft_steps_per_epoch=200, ft_lrs=(1e-4, 5e-5, 1e-5),
         ft_batch=16, ft_clip_len=8, ft_stride=2, dropout=0.25, label_smoothing=0.1, eval_clips=1, n_resamples=1000,
     ),
     # One H200-class GPU, about 10 minutes: r3d_18 at 112 px, bf16 (PretrainConfig.amp), data
