@@ -4,7 +4,7 @@ The label-efficiency benchmark found EchoCLR's frame-order top-1 at chance (1/24
 steps. This script separates the two possible causes, "no order to learn in the data" and "the
 objective as combined does not learn it in this budget", by training the same model
 (``tiny3d`` + order head, 4-frame clips, Adam, batches of 32 multi-instance pairs from the
-decoded-frame cache) under two objectives:
+decoded-frame cache) under three objectives:
 
 - ``order``: the frame-order cross-entropy alone;
 - ``echoclr``: frame order + NT-Xent on the same shuffled clips (the published EchoCLR loss,

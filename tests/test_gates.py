@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -95,8 +96,6 @@ def test_held_out_clips_take_frames_stride_apart(tmp_path) -> None:
     Frame t is flat grey at level t mod 4 (x 50): any 4 frames 1 or 3 apart cover the four
     levels, so after the clip's min-max scaling, level = 3 x brightness, and the level steps
     by +1 (mod 4) from frame to frame at stride 1 and by -1 (3 mod 4) at stride 3."""
-    import pandas as pd
-
     levels = np.arange(30) % 4
     frames = np.broadcast_to((40 + 50 * levels).astype(np.uint8)[:, None, None], (30, 32, 32)).copy()
     video = tmp_path / "levels.avi"
